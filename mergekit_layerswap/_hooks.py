@@ -1,0 +1,97 @@
+"""Run a callback right after a named module is first imported (standard library only).
+
+mergekit 0.1.5 has a method registry but no plugin entry point. The installed
+``mergekit_layerswap.pth`` imports this package at interpreter start; the package
+installs one ``sys.meta_path`` finder that waits for mergekit's registry, planner
+and merge modules and hands each, once executed, to a function in this package.
+Nothing here imports torch or mergekit, and nothing happens if mergekit is never
+imported (or not installed at all).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import threading
+from typing import Callable, Dict, List
+
+# module name -> "package.module:function" called with the freshly executed module
+WATCHED: Dict[str, str] = {
+    "mergekit.merge_methods.registry": "mergekit_layerswap.registration:on_registry",
+    "mergekit.plan": "mergekit_layerswap.planning:on_plan",
+    "mergekit.merge": "mergekit_layerswap.planning:on_merge",
+}
+
+
+def _call(target: str, module) -> None:
+    module_name, _, function = target.partition(":")
+    getattr(importlib.import_module(module_name), function)(module)
+
+
+class _NotifyingLoader(importlib.abc.Loader):
+    def __init__(self, loader, target: str):
+        self._loader = loader
+        self._target = target
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        _call(self._target, module)
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+
+class _PostImportFinder(importlib.abc.MetaPathFinder):
+    def __init__(self):
+        self._busy = threading.local()
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in WATCHED or getattr(self._busy, fullname.replace(".", "_"), False):
+            return None
+        flag = fullname.replace(".", "_")
+        setattr(self._busy, flag, True)
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            setattr(self._busy, flag, False)
+        if spec is None or spec.loader is None:
+            return None
+        spec.loader = _NotifyingLoader(spec.loader, WATCHED[fullname])
+        return spec
+
+
+_installed: List[_PostImportFinder] = []
+
+
+def install() -> None:
+    """Install the finder once; handle modules that were imported before it."""
+    if not _installed:
+        finder = _PostImportFinder()
+        sys.meta_path.insert(0, finder)
+        _installed.append(finder)
+    for name, target in WATCHED.items():
+        module = sys.modules.get(name)
+        if module is not None and getattr(module, "__spec__", None) is not None:
+            # already imported (e.g. ``import mergekit.merge`` before this package)
+            if name == "mergekit.merge" and not hasattr(module, "run_merge"):
+                continue  # still initialising; the callback runs when it finishes
+            _call(target, module)
+
+
+def patched(obj, attribute: str) -> bool:
+    return getattr(getattr(obj, attribute, None), "__layerswap_original__", None) is not None
+
+
+def wrap(obj, attribute: str, make: Callable) -> None:
+    """Replace ``obj.attribute`` by ``make(original)`` once (idempotent)."""
+    if patched(obj, attribute):
+        return
+    original = getattr(obj, attribute)
+    replacement = make(original)
+    replacement.__layerswap_original__ = original
+    setattr(obj, attribute, replacement)

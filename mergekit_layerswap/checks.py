@@ -1,0 +1,202 @@
+"""Checks that need the models' configs (architecture, layer count) or their tensor
+headers (names, shapes, tying). Both run before any output file exists.
+
+Layer counts and the tensors that form each layer come from mergekit's architecture
+definitions (``mergekit/_data/architectures/*.json``), never from tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from mergekit_layerswap.recipe import RecipeError, SwapRecipe, check_zone_fit
+
+# config keys whose value > 1 marks a mixture-of-experts model
+_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+@dataclass(frozen=True)
+class ModelsInfo:
+    arch_info: Any  # mergekit ModelArchitecture, shared by every model
+    module_name: str
+    configs: Dict[Any, Any]  # ModelReference -> transformers PretrainedConfig
+    num_layers: int
+
+    def module(self, model) -> Any:
+        from mergekit.architecture import ConfiguredModuleArchitecture
+
+        definition = self.arch_info.modules[self.module_name]
+        return ConfiguredModuleArchitecture(
+            info=definition.architecture,
+            config=self.configs[model],
+            weight_prefix=definition.weight_prefix,
+        )
+
+    def layer_of(self, model) -> Dict[str, Optional[int]]:
+        """Tensor name (and aliases) -> decoder layer index, None outside the layers."""
+        module = self.module(model)
+        names: Dict[str, Optional[int]] = {}
+        for weight in module.pre_weights() + module.post_weights():
+            for name in (weight.name,) + tuple(weight.aliases or ()):
+                names[name] = None
+        for layer in range(self.num_layers):
+            for weight in module.layer_weights(layer):
+                for name in (weight.name,) + tuple(weight.aliases or ()):
+                    names[name] = layer
+        return names
+
+
+def _all_models(recipe: SwapRecipe) -> List[Any]:
+    return recipe.models + ([recipe.base_model] if recipe.base_model is not None else [])
+
+
+def _describe(model, config) -> str:
+    return f"{model} ({(config.architectures or ['?'])[0]})"
+
+
+def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsInfo:
+    """Read every model's config.json and check they can be layer-swapped."""
+    from mergekit.architecture import arch_info_for_config
+
+    configs = {}
+    archs = {}
+    for model in _all_models(recipe):
+        try:
+            config = model.config(trust_remote_code=trust_remote_code)
+        except Exception as error:  # missing path, no network for a hub id, bad json
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise RecipeError(f"cannot read config.json of {model}: {first_line}") from None
+        configs[model] = config
+        arch = arch_info_for_config(config)
+        if arch is None:
+            raise RecipeError(
+                f"{_describe(model, config)}: mergekit has no architecture definition for it, "
+                f"so its layers are unknown; use a model of an architecture mergekit supports"
+            )
+        if len(arch.modules) != 1:
+            raise RecipeError(
+                f"{_describe(model, config)} has several modules ({', '.join(arch.modules)}); "
+                f"layer_swap supports single-stack decoder models only"
+            )
+        moe = [k for k in _MOE_CONFIG_KEYS if (getattr(config, k, None) or 0) > 1]
+        if moe or "moe" in config.model_type.lower():
+            raise RecipeError(
+                f"{_describe(model, config)} is a mixture-of-experts model; layer_swap supports "
+                f"dense decoder models only"
+            )
+        archs[model] = arch
+
+    models = list(configs)
+    first = models[0]
+    for model in models[1:]:
+        if archs[model] != archs[first]:
+            raise RecipeError(
+                f"architectures differ: {_describe(first, configs[first])} vs "
+                f"{_describe(model, configs[model])}; every expert (and base_model) must share one "
+                f"architecture"
+            )
+    arch_info = archs[first]
+    module_name = next(iter(arch_info.modules))
+    module_arch = arch_info.modules[module_name].architecture
+    counts = {model: module_arch.num_layers(configs[model]) for model in models}
+    if len(set(counts.values())) != 1:
+        listing = ", ".join(f"{m}: {n}" for m, n in counts.items())
+        raise RecipeError(
+            f"layer counts differ ({listing}); every expert (and base_model) must have the same "
+            f"number of decoder layers"
+        )
+    num_layers = counts[first]
+    check_zone_fit(recipe.zones, num_layers)
+    return ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
+
+
+def _safetensors_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {
+        name: (tuple(entry["shape"]), entry["dtype"])
+        for name, entry in header.items()
+        if name != "__metadata__"
+    }
+
+
+def _pickle_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    import torch
+
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    return {name: (tuple(t.shape), str(t.dtype)) for name, t in state.items()}
+
+
+def stored_tensors(model) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of every tensor a model stores, from file headers only
+    (pickled ``.bin`` shards are memory-mapped, not read)."""
+    from mergekit.io.tasks import LoaderCache
+
+    index = LoaderCache().get(model).index
+    shapes: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+    for shard in sorted(set(index.tensor_paths.values())):
+        path = os.path.join(index.base_path, shard)
+        read = _safetensors_shapes if path.endswith(".safetensors") else _pickle_shapes
+        shapes.update(read(path))
+    return {name: shapes[name] for name in index.tensor_paths if name in shapes}
+
+
+def _find(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str]:
+    names = [weight.name] + list(weight.aliases or [])
+    if with_tied:
+        names += list(weight.tied_names or [])
+    return next((n for n in names if n in stored), None)
+
+
+def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bool) -> None:
+    """Every tensor the output needs exists in every expert with matching shapes."""
+    experts = recipe.models
+    stored = {model: stored_tensors(model) for model in _all_models(recipe)}
+    vocab_hint = (
+        "add `tokenizer: {source: base}` (or `source: union`) so mergekit aligns the "
+        "vocabularies before the swap"
+    )
+    module = info.module(experts[0])
+    weights = module.pre_weights() + [
+        w for layer in range(info.num_layers) for w in module.layer_weights(layer)
+    ] + module.post_weights()
+    for weight in weights:
+        own = {m: _find(weight, stored[m], with_tied=False) for m in experts}
+        if weight.optional:
+            present = [m for m in experts if own[m]]
+            if present and len(present) != len(experts) and not tokenizer_configured:
+                missing = [str(m) for m in experts if not own[m]]
+                raise RecipeError(
+                    f"{weight.name} is stored by {present[0]} but tied to the embeddings in "
+                    f"{', '.join(missing)}; untie that expert (save it with an explicit "
+                    f"{weight.name}) or {vocab_hint}"
+                )
+            if not present:
+                continue
+        found = {m: _find(weight, stored[m], with_tied=weight.optional) for m in experts}
+        for model, name in found.items():
+            if name is None:
+                raise RecipeError(
+                    f"{model} has no tensor {weight.name}, which its architecture "
+                    f"({info.arch_info.architectures[0]}) requires; check the checkpoint"
+                )
+        shapes = {m: stored[m][found[m]][0] for m in experts}
+        if recipe.base_model is not None and recipe.weighting == "magnitude":
+            base_name = _find(weight, stored[recipe.base_model], with_tied=weight.optional)
+            if base_name is not None:
+                shapes[recipe.base_model] = stored[recipe.base_model][base_name][0]
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{m}: {list(s)}" for m, s in shapes.items())
+            if weight.vocabulary_axis is not None:
+                if tokenizer_configured:
+                    continue
+                raise RecipeError(f"vocabulary sizes differ for {weight.name} ({listing}); {vocab_hint}")
+            raise RecipeError(
+                f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes "
+                f"of one base model"
+            )

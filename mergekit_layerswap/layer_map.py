@@ -1,0 +1,108 @@
+"""Algorithm 1 of the layer-swapping paper: where each decoder layer comes from.
+
+Pure Python, no torch or mergekit, so recipes can be explained and checked cheaply.
+
+For a model of ``L`` decoder layers (indices ``0 .. L-1``) and zone sizes
+``b`` (bottom_layers), ``u`` (top_layers), ``t_b`` (bottom_transition) and
+``t_u`` (top_transition):
+
+* ``l < b`` or ``l > L-1-u``           -> the language expert's layer;
+* ``b-1+t_b < l`` **and** ``l < L-u-t_u`` -> the task expert's layer;
+* otherwise                               -> a transition layer, a weighted blend.
+
+The paper's printed pseudocode says "or" in the second test. With "or" every layer
+satisfies it and no transition layer could exist, so "and" is what is meant and what
+this module implements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+LANGUAGE = "language"
+TASK = "task"
+BLEND = "blend"
+ROLES = (TASK, LANGUAGE)
+
+WEIGHTINGS = ("uniform", "magnitude")
+NON_LAYER_POLICIES = ("average", LANGUAGE, TASK)
+TRANSITION_SHAPES = ("flat", "linear")
+
+
+@dataclass(frozen=True)
+class SwapZones:
+    """Zone sizes of a swap, in layers."""
+
+    bottom_layers: int = 5
+    top_layers: int = 2
+    bottom_transition: int = 0
+    top_transition: int = 0
+
+    @property
+    def total(self) -> int:
+        return (
+            self.bottom_layers
+            + self.top_layers
+            + self.bottom_transition
+            + self.top_transition
+        )
+
+
+def layer_source(layer: int, num_layers: int, zones: SwapZones) -> str:
+    """Return ``language``, ``task`` or ``blend`` for decoder layer ``layer``."""
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"layer {layer} is outside 0..{num_layers - 1}")
+    b, u = zones.bottom_layers, zones.top_layers
+    if layer < b or layer > num_layers - 1 - u:
+        return LANGUAGE
+    if b - 1 + zones.bottom_transition < layer and layer < num_layers - u - zones.top_transition:
+        return TASK
+    return BLEND
+
+
+def transition_depth(layer: int, num_layers: int, zones: SwapZones) -> tuple[int, int]:
+    """For a transition layer: (j, t) with j = 1..t counted from the language side."""
+    if layer < zones.bottom_layers + zones.bottom_transition:
+        return layer - zones.bottom_layers + 1, zones.bottom_transition
+    return num_layers - zones.top_layers - layer, zones.top_transition
+
+
+def role_shares(
+    layer: Optional[int],
+    num_layers: Optional[int],
+    zones: SwapZones,
+    non_layer: str = "average",
+    transition_shape: str = "flat",
+) -> Dict[str, float]:
+    """Share of the mixing weight each role gets for one tensor, before the
+    experts' own weights apply. ``layer=None`` marks a non-layer tensor
+    (embeddings, final norm, lm_head, anything outside the layer templates)."""
+    if layer is None:
+        if non_layer == "average":
+            return {TASK: 0.5, LANGUAGE: 0.5}
+        if non_layer in ROLES:
+            return {role: float(role == non_layer) for role in ROLES}
+        raise ValueError(f"unknown non_layer policy {non_layer!r}")
+    if num_layers is None:
+        raise ValueError("num_layers is required for a layer tensor")
+    source = layer_source(layer, num_layers, zones)
+    if source != BLEND:
+        return {role: float(role == source) for role in ROLES}
+    if transition_shape == "flat":
+        return {TASK: 0.5, LANGUAGE: 0.5}
+    if transition_shape == "linear":
+        j, t = transition_depth(layer, num_layers, zones)
+        task_share = j / (t + 1)
+        return {TASK: task_share, LANGUAGE: 1.0 - task_share}
+    raise ValueError(f"unknown transition_shape {transition_shape!r}")
+
+
+def needed_roles(shares: Dict[str, float]) -> tuple[str, ...]:
+    """Roles whose tensors must be read for a tensor with these shares."""
+    return tuple(role for role in ROLES if shares.get(role, 0.0) > 0.0)
+
+
+def layer_table(num_layers: int, zones: SwapZones) -> list[tuple[int, str]]:
+    """(layer, source) for every decoder layer, bottom first."""
+    return [(layer, layer_source(layer, num_layers, zones)) for layer in range(num_layers)]

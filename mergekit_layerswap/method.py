@@ -1,0 +1,99 @@
+"""The ``layer_swap`` merge method: one kernel, the recipe's parameters as its arguments.
+
+The planner adapter (``planning.py``) adds two values mergekit's kernel interface
+cannot know by itself: the tensor's decoder-layer position (``layer_index`` of
+``num_layers``, ``None`` for non-layer tensors, taken from mergekit's architecture
+definitions) and, under ``weighting: magnitude``, each expert's mean row change
+against ``base_model`` (``magnitude``). A recipe cannot set either.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from pydantic import NonNegativeInt, PositiveFloat
+from typing_extensions import Literal
+
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    InputContract,
+    OptionalTensorPolicy,
+    PerInput,
+    TensorGroup,
+)
+from mergekit.merge_methods.easy_define import merge_method
+
+from mergekit_layerswap.layer_map import ROLES, SwapZones, role_shares
+
+METHOD_NAME = "layer_swap"
+PAPER_URL = "https://arxiv.org/abs/2410.01335"
+
+Role = Literal["task", "language"]
+
+
+@merge_method(
+    name=METHOD_NAME,
+    pretty_name="Layer Swapping",
+    reference_url=PAPER_URL,
+    contract=InputContract(base=BasePolicy.IGNORED, min_inputs=1),
+    optional_tensor_policy=OptionalTensorPolicy.ERROR,
+    uses_accelerator=True,
+)
+def layer_swap(
+    group: TensorGroup,
+    role: PerInput[Role],
+    weight: PerInput[PositiveFloat] = 1.0,
+    bottom_layers: NonNegativeInt = 5,
+    top_layers: NonNegativeInt = 2,
+    bottom_transition: NonNegativeInt = 0,
+    top_transition: NonNegativeInt = 0,
+    weighting: Literal["uniform", "magnitude"] = "uniform",
+    non_layer: Literal["average", "language", "task"] = "average",
+    transition_shape: Literal["flat", "linear"] = "flat",
+    layer_index: Optional[NonNegativeInt] = None,
+    num_layers: Optional[NonNegativeInt] = None,
+    magnitude: PerInput[PositiveFloat] = 1.0,
+) -> torch.Tensor:
+    zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
+    shares = role_shares(layer_index, num_layers, zones, non_layer, transition_shape)
+    members: Dict[str, List[Tuple[torch.Tensor, float]]] = {r: [] for r in ROLES}
+    for entry in group.entries:
+        w = weight[entry.id]
+        if weighting == "magnitude":
+            w = w / magnitude[entry.id]
+        members[role[entry.id]].append((entry.tensor, w))
+    return mix_roles(members, shares, name=group.metadata.name)
+
+
+def mix_roles(
+    members: Dict[str, List[Tuple[torch.Tensor, float]]],
+    shares: Dict[str, float],
+    name: Optional[str] = None,
+) -> torch.Tensor:
+    """Average each role's experts, then blend the roles.
+
+    A role's soup is the weighted mean of its experts and carries the mean of their
+    weights; the output is ``sum(s_r * W_r * soup_r) / sum(s_r * W_r)`` over roles
+    with share ``s_r > 0``. A single expert taken whole is returned untouched
+    (bit-identical); every average is computed in float32 or wider.
+    """
+    active = [r for r in ROLES if shares[r] > 0]
+    for r in active:
+        if not members[r]:
+            raise ValueError(f"{name}: no {r} expert tensor was loaded")
+    if len(active) == 1 and len(members[active[0]]) == 1:
+        return members[active[0]][0][0]
+    out_dtype = members[active[0]][0][0].dtype
+    acc_dtype = torch.promote_types(out_dtype, torch.float32)
+    total = None
+    denominator = 0.0
+    for r in active:
+        role_weight = sum(w for _, w in members[r]) / len(members[r])
+        coefficient = shares[r] * role_weight
+        soup_weight = sum(w for _, w in members[r])
+        for tensor, w in members[r]:
+            term = tensor.to(acc_dtype) * (coefficient * w / soup_weight)
+            total = term if total is None else total.add_(term)
+        denominator += coefficient
+    return total.div_(denominator).to(out_dtype)

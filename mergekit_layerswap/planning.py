@@ -1,0 +1,292 @@
+"""The one module that adapts mergekit internals for ``layer_swap`` (verified: mergekit 0.1.5).
+
+mergekit's method API gives a kernel the output tensor's name and its inputs, and
+only ``validate_inputs(ids, base_id)`` before planning; its planner reads every input
+model (plus ``base_model``) for every output tensor. This module, applied by the
+import hook when ``mergekit.merge`` and ``mergekit.plan`` load, changes exactly this
+for ``merge_method: layer_swap`` recipes and nothing for any other method:
+
+* ``mergekit.merge.get_architecture_info`` - first thing ``run_merge`` does: the
+  recipe is validated (structure, configs, layer counts) before any download, LoRA
+  merge or output file;
+* ``MergePlanner.normalize_config`` - tensor headers are checked and the magnitude
+  statistics are computed (streaming, cached), still before anything is written;
+* ``MergePlanner.plan_layer`` - records the decoder-layer index mergekit is planning
+  (from its architecture definition);
+* ``MergePlanner.plan_tensor`` - mergekit's own planning of one tensor, given only
+  the experts whose role this tensor needs (never ``base_model``), plus the layer
+  position and magnitude statistics as kernel parameters;
+* ``mergekit.merge._model_out_config`` / ``_get_donor_model`` - the output's
+  config.json, tokenizer and generation config come from the recipe's first language
+  expert instead of an arbitrary (hash-ordered) model;
+* ``mergekit.merge.generate_card`` - a model card that describes the swap;
+* ``mergekit.card.is_hf`` - an existing local path is local (0.1.5 asks the Hub
+  about relative paths such as ``models/task`` and fails offline after writing).
+
+``MERGEKIT_LAYERSWAP_READ_ALL=1`` plans the unoptimised way (both experts read for
+every tensor); outputs are identical, which the tests check.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from mergekit_layerswap._hooks import wrap
+from mergekit_layerswap.layer_map import role_shares
+from mergekit_layerswap.method import METHOD_NAME
+
+LOG = logging.getLogger(__name__)
+VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
+
+
+@dataclass
+class SwapRun:
+    """What planning one layer_swap merge needs beyond mergekit's own config."""
+
+    recipe: Any  # recipe.SwapRecipe
+    info: Any  # checks.ModelsInfo
+    magnitudes: Dict[Any, Any] = field(default_factory=dict)  # model -> MagnitudeStat
+
+    def effective_weight(self, expert) -> Optional[float]:
+        """weight x 1/m for a scalar weight (None when the weight varies per tensor)."""
+        if not isinstance(expert.weight, (int, float)):
+            return None
+        stat = self.magnitudes.get(expert.model)
+        return float(expert.weight) / stat.mean_row_mav if stat else float(expert.weight)
+
+
+# id(MergeConfiguration) -> (config, SwapRun); the config is kept so the id stays valid
+_RUNS: Dict[int, Tuple[Any, SwapRun]] = {}
+
+
+def is_layer_swap(config) -> bool:
+    return getattr(config, "merge_method", None) == METHOD_NAME
+
+
+def prepare(config, trust_remote_code: bool = False) -> SwapRun:
+    """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
+    from mergekit_layerswap.checks import read_models
+    from mergekit_layerswap.recipe import parse_recipe
+
+    recipe = parse_recipe(config)
+    run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code))
+    _RUNS[id(config)] = (config, run)
+    return run
+
+
+def run_for(config) -> Optional[SwapRun]:
+    entry = _RUNS.get(id(config))
+    return entry[1] if entry and entry[0] is config else None
+
+
+def read_all() -> bool:
+    return os.environ.get("MERGEKIT_LAYERSWAP_READ_ALL", "").lower() in ("1", "true", "yes")
+
+
+def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) -> None:
+    from mergekit_layerswap.magnitude import magnitude
+
+    if run.recipe.weighting != "magnitude":
+        return
+    for expert in run.recipe.experts:
+        if expert.model not in run.magnitudes:
+            run.magnitudes[expert.model] = magnitude(
+                expert.model, run.recipe.base_model, device=device, quiet=quiet
+            )
+
+
+def describe_weights(run: SwapRun) -> str:
+    parts = []
+    for expert in run.recipe.experts:
+        w = run.effective_weight(expert)
+        stat = run.magnitudes.get(expert.model)
+        text = f"{expert.role} {expert.model}: weight {expert.weight!r}"
+        if stat is not None:
+            text += f", mean row change {stat.mean_row_mav:.6g}"
+        if w is not None and stat is not None:
+            text += f", effective weight {w:.6g}"
+        parts.append(text)
+    return "layer_swap weights: " + "; ".join(parts)
+
+
+# ---------------------------------------------------------------- mergekit.plan
+def on_plan(plan_module) -> None:
+    _require(plan_module, "MergePlanner", ("normalize_config", "plan_layer", "plan_tensor"))
+    planner_cls = plan_module.MergePlanner
+    wrap(planner_cls, "normalize_config", _normalize_config)
+    wrap(planner_cls, "plan_layer", _plan_layer)
+    wrap(planner_cls, "plan_tensor", _plan_tensor)
+
+
+def _normalize_config(original):
+    def normalize_config(self):
+        if not is_layer_swap(self.config):
+            return original(self)
+        from mergekit_layerswap.checks import check_tensors
+
+        run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
+        configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
+        original(self)
+        check_tensors(run.recipe, run.info, tokenizer_configured=configured_tokenizer)
+        device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
+        resolve_magnitudes(run, device=device or "cpu", quiet=self.options.quiet)
+        LOG.info(describe_weights(run))
+        if not self.options.quiet:
+            print(describe_weights(run), file=sys.stderr)
+        self._layer_swap = run
+        self._layer_swap_layer = None
+
+    return normalize_config
+
+
+def _plan_layer(original):
+    def plan_layer(self, *args, **kwargs):
+        if not is_layer_swap(self.config):
+            return original(self, *args, **kwargs)
+        self._layer_swap_layer = self._current_module_layers
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            self._layer_swap_layer = None
+
+    return plan_layer
+
+
+def _plan_tensor(original):
+    def plan_tensor(self, weight, weights_in, models, cfg_reader):
+        if not is_layer_swap(self.config):
+            return original(self, weight, weights_in, models, cfg_reader)
+        from mergekit.common import ImmutableMap
+
+        run: SwapRun = self._layer_swap
+        recipe = run.recipe
+        layer = self._layer_swap_layer
+        shares = role_shares(
+            layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
+        )
+        keep = [
+            index
+            for index, model in enumerate(models)
+            if recipe.role_of(model) is not None
+            and (read_all() or shares[recipe.role_of(model)] > 0)
+        ]
+        planned = len(self._tensors)
+        original(
+            self,
+            weight,
+            [weights_in[i] for i in keep],
+            [models[i] for i in keep],
+            cfg_reader,
+        )
+        if len(self._tensors) == planned:
+            return  # an optional tensor (untied lm_head) no expert stores
+        out_weight, task = self._tensors[-1]
+        parameters = dict(task.parameters.items())
+        parameters.update(layer_index=layer, num_layers=run.info.num_layers)
+        input_parameters = {
+            model: ImmutableMap(
+                {**dict(values.items()), "magnitude": _magnitude_of(run, model)}
+            )
+            for model, values in task.input_parameters.items()
+        }
+        self._tensors[-1] = (
+            out_weight,
+            task.model_copy(
+                update={
+                    "parameters": ImmutableMap(parameters),
+                    "input_parameters": ImmutableMap(input_parameters),
+                }
+            ),
+        )
+
+    return plan_tensor
+
+
+def _magnitude_of(run: SwapRun, model) -> float:
+    stat = run.magnitudes.get(model)
+    return stat.mean_row_mav if stat is not None else 1.0
+
+
+# --------------------------------------------------------------- mergekit.merge
+def on_merge(merge_module) -> None:
+    _check_version()
+    _require(
+        merge_module,
+        None,
+        ("get_architecture_info", "_model_out_config", "_get_donor_model", "generate_card", "run_merge"),
+    )
+    wrap(merge_module, "get_architecture_info", _validating_architecture_info)
+    wrap(merge_module, "_model_out_config", _with_donor_as_base)
+    wrap(merge_module, "_get_donor_model", _with_donor_as_base)
+    wrap(merge_module, "generate_card", _layer_swap_card)
+    card_module = sys.modules["mergekit.card"]
+    _require(card_module, None, ("is_hf",))
+    wrap(card_module, "is_hf", _local_paths_are_local)
+
+
+def _validating_architecture_info(original):
+    def get_architecture_info(config, options):
+        if not is_layer_swap(config):
+            return original(config, options)
+        return prepare(config, options.trust_remote_code).info.arch_info
+
+    return get_architecture_info
+
+
+def _with_donor_as_base(original):
+    def with_donor(config, *args, **kwargs):
+        run = run_for(config) if is_layer_swap(config) else None
+        if run is not None:
+            config = config.model_copy(update={"base_model": run.recipe.donor})
+        return original(config, *args, **kwargs)
+
+    return with_donor
+
+
+def _layer_swap_card(original):
+    def generate_card(config, config_yaml, name=None):
+        run = run_for(config) if is_layer_swap(config) else None
+        if run is None:
+            return original(config, config_yaml, name=name)
+        from mergekit_layerswap.card import layer_swap_card
+
+        return layer_swap_card(run, config_yaml, name=name)
+
+    return generate_card
+
+
+def _local_paths_are_local(original):
+    def is_hf(path: str) -> bool:
+        if os.path.exists(path):
+            return False
+        return original(path)
+
+    return is_hf
+
+
+# ------------------------------------------------------------------- guards
+def _check_version() -> None:
+    from importlib.metadata import version
+
+    found = version("mergekit")
+    if found not in VERIFIED_MERGEKIT_VERSIONS:
+        LOG.warning(
+            "mergekit-layerswap was verified with mergekit %s; found %s",
+            ", ".join(VERIFIED_MERGEKIT_VERSIONS),
+            found,
+        )
+
+
+def _require(module, class_name: Optional[str], attributes) -> None:
+    owner = getattr(module, class_name) if class_name else module
+    missing = [a for a in attributes if not hasattr(owner, a)]
+    if missing:
+        where = f"{module.__name__}.{class_name}" if class_name else module.__name__
+        raise RuntimeError(
+            f"mergekit-layerswap needs {where}.{', '.join(missing)}, which this mergekit "
+            f"lacks; it was verified with mergekit {', '.join(VERIFIED_MERGEKIT_VERSIONS)}"
+        )

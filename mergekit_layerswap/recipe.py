@@ -1,0 +1,241 @@
+"""Read a ``layer_swap`` recipe (a parsed mergekit ``MergeConfiguration``) and refuse
+bad ones with one line that names the parameter and the fix.
+
+Only the recipe's own structure is checked here; nothing is read from the models.
+Checks that need model configs or tensor headers live in ``checks.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import click
+
+from mergekit_layerswap.layer_map import (
+    LANGUAGE,
+    NON_LAYER_POLICIES,
+    ROLES,
+    TASK,
+    TRANSITION_SHAPES,
+    WEIGHTINGS,
+    SwapZones,
+)
+
+ZONE_PARAMETERS = ("bottom_layers", "top_layers", "bottom_transition", "top_transition")
+CHOICE_PARAMETERS = {
+    "weighting": WEIGHTINGS,
+    "non_layer": NON_LAYER_POLICIES,
+    "transition_shape": TRANSITION_SHAPES,
+}
+DEFAULTS: Dict[str, Any] = {
+    "bottom_layers": 5,
+    "top_layers": 2,
+    "bottom_transition": 0,
+    "top_transition": 0,
+    "weighting": "uniform",
+    "non_layer": "average",
+    "transition_shape": "flat",
+}
+SHARED_PARAMETERS = tuple(DEFAULTS)
+PER_MODEL_PARAMETERS = ("role", "weight")
+PLANNER_PARAMETERS = ("layer_index", "num_layers", "magnitude")
+
+
+class RecipeError(click.ClickException, ValueError):
+    """A bad recipe, found before any tensor is read or any output is written.
+
+    A ``click.ClickException`` so that ``mergekit-yaml`` and ``mergekit-multi`` print
+    it as one ``Error: ...`` line and exit with status 1, without a traceback."""
+
+
+@dataclass(frozen=True)
+class Expert:
+    model: Any  # mergekit.common.ModelReference
+    role: str
+    weight: Any = 1.0  # a mergekit ParameterSetting: scalar, gradient list or filters
+
+    @property
+    def label(self) -> str:
+        return str(self.model)
+
+
+@dataclass(frozen=True)
+class SwapRecipe:
+    experts: Tuple[Expert, ...]
+    base_model: Any = None
+    zones: SwapZones = field(default_factory=SwapZones)
+    weighting: str = "uniform"
+    non_layer: str = "average"
+    transition_shape: str = "flat"
+
+    def of_role(self, role: str) -> List[Expert]:
+        return [e for e in self.experts if e.role == role]
+
+    @property
+    def models(self) -> list:
+        return [e.model for e in self.experts]
+
+    @property
+    def donor(self):
+        """The model whose config.json, tokenizer and chat template the output gets:
+        the first language expert of the recipe (its bottom and top layers, which read
+        and write tokens, are the language expert's)."""
+        return self.of_role(LANGUAGE)[0].model
+
+    def role_of(self, model) -> Optional[str]:
+        for e in self.experts:
+            if e.model == model:
+                return e.role
+        return None
+
+
+def _is_scalar(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, str))
+
+
+def _numbers_in(setting: Any) -> Optional[List[Any]]:
+    """Every value a weight setting can take (scalars, gradient lists, filters)."""
+    if _is_scalar(setting):
+        return [setting]
+    if isinstance(setting, list):
+        values = []
+        for item in setting:
+            inner = _numbers_in(getattr(item, "value", item))
+            if inner is None:
+                return None
+            values.extend(inner)
+        return values
+    if hasattr(setting, "value"):
+        return _numbers_in(setting.value)
+    return None
+
+
+def _check_weight(setting: Any, where: str) -> None:
+    values = _numbers_in(setting)
+    bad = values is None or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values
+    )
+    if bad:
+        raise RecipeError(
+            f"weight of {where} must be a positive number (or a gradient/filter list of "
+            f"positive numbers); got {setting!r}"
+        )
+
+
+def _check_shared(name: str, setting: Any) -> Any:
+    if not _is_scalar(setting):
+        raise RecipeError(
+            f"parameters.{name} must be one value for the whole model, not a per-tensor "
+            f"list or filter; write e.g. `{name}: {DEFAULTS[name]}`"
+        )
+    if name in ZONE_PARAMETERS:
+        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
+            raise RecipeError(
+                f"parameters.{name} must be a non-negative whole number of layers; got {setting!r}"
+            )
+        return setting
+    choices = CHOICE_PARAMETERS[name]
+    if setting not in choices:
+        raise RecipeError(
+            f"parameters.{name} must be one of {', '.join(choices)}; got {setting!r}"
+        )
+    return setting
+
+
+def _refuse_unknown(names, allowed, where: str) -> None:
+    for name in names:
+        if name in allowed:
+            continue
+        if name in PLANNER_PARAMETERS:
+            raise RecipeError(
+                f"{where}.{name} is computed by layer_swap for each tensor and cannot be "
+                f"set in a recipe; remove it"
+            )
+        if name == "role" and where == "parameters":
+            raise RecipeError(
+                "parameters.role is set for the whole recipe, which would give every model "
+                "the same role; set `role: task` or `role: language` under each model's "
+                "own `parameters:` instead"
+            )
+        if name in SHARED_PARAMETERS and where != "parameters":
+            raise RecipeError(
+                f"{where}.{name} applies to the whole merge; move it to the top-level "
+                f"`parameters:` block"
+            )
+        known = ", ".join(allowed)
+        raise RecipeError(f"{where}.{name} is not a layer_swap parameter (known: {known})")
+
+
+def parse_recipe(config) -> SwapRecipe:
+    """Validate the structure of a ``layer_swap`` MergeConfiguration."""
+    if config.slices or config.modules:
+        raise RecipeError(
+            "layer_swap takes a `models:` list, not `slices:` or `modules:` (layer positions "
+            "would be ambiguous); list each expert once under `models:` with its role"
+        )
+    params = dict(config.parameters or {})
+    _refuse_unknown(params, SHARED_PARAMETERS + ("weight",), "parameters")
+    shared = {name: _check_shared(name, params.get(name, DEFAULTS[name])) for name in SHARED_PARAMETERS}
+    if "weight" in params:
+        _check_weight(params["weight"], "parameters")
+
+    base = config.base_model
+    experts: List[Expert] = []
+    seen = set()
+    for index, model_in in enumerate(config.models or []):
+        where = f"models[{index}] ({model_in.model})"
+        if base is not None and model_in.model == base:
+            raise RecipeError(
+                f"{where} is also base_model; the base is never mixed into a layer swap. To "
+                f"swap against the base (the paper's 'revert to base' ablation), list it as an "
+                f"expert and drop base_model"
+            )
+        if model_in.model in seen:
+            raise RecipeError(f"{where} is listed twice; list each expert once")
+        seen.add(model_in.model)
+        model_params = dict(model_in.parameters or {})
+        _refuse_unknown(model_params, PER_MODEL_PARAMETERS, f"models[{index}].parameters")
+        role = model_params.get("role")
+        if role is None:
+            raise RecipeError(
+                f"{where} has no role; add `parameters: {{role: task}}` or "
+                f"`parameters: {{role: language}}`"
+            )
+        if not isinstance(role, str) or role not in ROLES:
+            raise RecipeError(
+                f"{where} has role {role!r}; role must be `task` or `language`, one value per model"
+            )
+        weight = model_params.get("weight", params.get("weight", 1.0))
+        _check_weight(weight, where)
+        experts.append(Expert(model=model_in.model, role=role, weight=weight))
+
+    for role in ROLES:
+        if not any(e.role == role for e in experts):
+            raise RecipeError(
+                f"the recipe has no {role} expert; add a model with `parameters: {{role: {role}}}`"
+            )
+    if shared["weighting"] == "magnitude" and base is None:
+        raise RecipeError(
+            "weighting: magnitude needs base_model (the model both experts were fine-tuned "
+            "from); add `base_model:` or use `weighting: uniform`"
+        )
+    return SwapRecipe(
+        experts=tuple(experts),
+        base_model=base,
+        zones=SwapZones(*(shared[name] for name in ZONE_PARAMETERS)),
+        weighting=shared["weighting"],
+        non_layer=shared["non_layer"],
+        transition_shape=shared["transition_shape"],
+    )
+
+
+def check_zone_fit(zones: SwapZones, num_layers: int) -> None:
+    if zones.total > num_layers:
+        raise RecipeError(
+            f"bottom_layers + bottom_transition + top_transition + top_layers = {zones.total} "
+            f"exceeds the {num_layers} decoder layers of the models; make the zones smaller"
+        )
+
+
+__all__ = ["RecipeError", "SwapRecipe", "Expert", "parse_recipe", "check_zone_fit", "TASK", "LANGUAGE"]

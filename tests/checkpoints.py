@@ -1,0 +1,133 @@
+"""Small random checkpoints of real architectures, written the way transformers saves them.
+
+A base model is built from a tiny config; experts are the base plus seeded noise, so
+they are fine-tunes of one base (what layer swapping and magnitude weighting assume).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+from safetensors.torch import load_file
+
+VOCAB = 96
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    make_config: Callable[[], object]
+    layer_prefix: str  # the test's own knowledge of where layer N lives
+    num_layers: int
+    tied: bool = False
+
+    def layer_of(self, tensor_name: str) -> Optional[int]:
+        head, _, _ = self.layer_prefix.partition("{}")
+        if not tensor_name.startswith(head):
+            return None
+        return int(tensor_name[len(head):].split(".", 1)[0])
+
+
+def _llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=8, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def _qwen2():
+    from transformers import Qwen2Config
+
+    return Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def _mistral():
+    from transformers import MistralConfig
+
+    return MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def _gemma2():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=64,
+                        tie_word_embeddings=True)
+
+
+def _gpt2():
+    from transformers import GPT2Config
+
+    return GPT2Config(n_embd=32, n_layer=6, n_head=4, vocab_size=VOCAB, n_positions=64, tie_word_embeddings=True)
+
+
+def _phi3():
+    from transformers import Phi3Config
+
+    return Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
+                      tie_word_embeddings=False)
+
+
+ARCHS: Dict[str, Arch] = {
+    "llama": Arch("llama", _llama, "model.layers.{}.", 8),
+    "qwen2": Arch("qwen2", _qwen2, "model.layers.{}.", 6),
+    "mistral": Arch("mistral", _mistral, "model.layers.{}.", 6),
+    "gemma2": Arch("gemma2", _gemma2, "model.layers.{}.", 6, tied=True),
+    "gpt2": Arch("gpt2", _gpt2, "transformer.h.{}.", 6, tied=True),
+    "phi3": Arch("phi3", _phi3, "model.layers.{}.", 6),
+}
+
+
+def _write_tokenizer(path: str, marker: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    fast.chat_template = "{% for m in messages %}" + marker + "{{ m['content'] }}{% endfor %}"
+    fast.save_pretrained(path)
+    with open(os.path.join(path, "generation_config.json"), "w") as handle:
+        json.dump({"marker": marker, "max_new_tokens": len(marker)}, handle)
+
+
+def make_model(arch: Arch, path: str, seed: int, base_path: Optional[str] = None, noise: float = 0.02,
+               dtype: torch.dtype = torch.float32, noise_by_layer: Optional[Dict[int, float]] = None,
+               max_shard_size: Optional[str] = None) -> str:
+    """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if base_path is None:
+        model = AutoModelForCausalLM.from_config(arch.make_config())
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                layer = arch.layer_of(name)
+                scale = noise if noise_by_layer is None else noise_by_layer.get(layer, 0.0)
+                if scale:
+                    param.add_(scale * torch.randn(param.shape, generator=generator))
+    model = model.to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, safe_serialization=True, **kwargs)
+    _write_tokenizer(path, marker=os.path.basename(path))
+    return path
+
+
+def load_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint."""
+    out: Dict[str, torch.Tensor] = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
