@@ -58,6 +58,22 @@ def _describe(model, config) -> str:
     return f"{model} ({(config.architectures or ['?'])[0]})"
 
 
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", ".", "~")) or path.count("/") != 1
+
+
+def _read_config(model, trust_remote_code: bool):
+    path = model.model.path
+    if not os.path.exists(path) and _looks_local(path):
+        raise RecipeError(f"model path {path} does not exist; fix the path in the recipe")
+    try:
+        return model.config(trust_remote_code=trust_remote_code)
+    except Exception as error:  # no network for a hub id, bad json, ...
+        text = str(error).strip()
+        first_line = text.splitlines()[0] if text else type(error).__name__
+        raise RecipeError(f"cannot read config.json of {model}: {first_line}") from None
+
+
 def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsInfo:
     """Read every model's config.json and check they can be layer-swapped."""
     from mergekit.architecture import arch_info_for_config
@@ -65,11 +81,7 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
     configs = {}
     archs = {}
     for model in _all_models(recipe):
-        try:
-            config = model.config(trust_remote_code=trust_remote_code)
-        except Exception as error:  # missing path, no network for a hub id, bad json
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise RecipeError(f"cannot read config.json of {model}: {first_line}") from None
+        config = _read_config(model, trust_remote_code)
         configs[model] = config
         arch = arch_info_for_config(config)
         if arch is None:
