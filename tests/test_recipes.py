@@ -267,3 +267,46 @@ def test_baseline_uses_a_registered_mergekit_method(rel, doc):
         assert set(model_in.parameters or {}) <= per_input | shared
     if spec.contract.base == BasePolicy.REQUIRED:
         assert config.base_model is not None
+
+
+def test_magnitude_soup_recipe_merges_like_linear_with_inverse_m(families, tmp_path):
+    """End to end on a small Llama: the shipped magnitude-soup recipe (its zones scaled
+    to the small model's layer count) gives the same tensors as mergekit's own
+    `linear` with weights 1/m_task and 1/m_lang."""
+    import torch
+    from mergekit.common import ModelReference
+
+    from checkpoints import load_tensors
+    from conftest import run_yaml_inprocess, write_recipe
+    from mergekit_layerswap.magnitude import magnitude
+
+    family = families("llama")
+    half = family.arch.num_layers // 2
+    with open(RECIPES / "baselines" / "swh_magnitude_soup.yaml") as handle:
+        recipe = yaml.safe_load(handle)
+    params = recipe["parameters"]
+    assert params["bottom_transition"] + params["top_transition"] == 32
+    params.update(bottom_transition=half, top_transition=half)
+    recipe.update(base_model=family.base, dtype="float32")
+    recipe["models"][0]["model"] = family.task
+    recipe["models"][1]["model"] = family.lang
+
+    m = {
+        path: magnitude(ModelReference.parse(path), ModelReference.parse(family.base)).mean_row_mav
+        for path in (family.task, family.lang)
+    }
+    assert m[family.lang] > 1.5 * m[family.task]  # unequal, so 1/m weighting shows
+    linear = {
+        "merge_method": "linear",
+        "models": [{"model": p, "parameters": {"weight": 1.0 / m[p]}} for p in (family.task, family.lang)],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+    outputs = {}
+    for name, config in (("swap", recipe), ("linear", linear)):
+        result = run_yaml_inprocess(write_recipe(tmp_path / f"{name}.yaml", config), tmp_path / name)
+        assert result.exit_code == 0, result.output
+        outputs[name] = load_tensors(str(tmp_path / name))
+    assert set(outputs["swap"]) == set(outputs["linear"])
+    for tensor_name, tensor in outputs["linear"].items():
+        torch.testing.assert_close(outputs["swap"][tensor_name], tensor, rtol=1e-5, atol=1e-6)
