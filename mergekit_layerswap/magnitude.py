@@ -132,20 +132,31 @@ def local_path(model) -> str:
     return LoaderCache().get(model).index.base_path
 
 
-def magnitude(expert, base, device: str = "cpu", quiet: bool = True, use_cache: Optional[bool] = None) -> MagnitudeStat:
+def _cache_file(expert, base) -> str:
+    key = cache_key(local_path(expert), expert, local_path(base), base)
+    return os.path.join(cache_dir(), f"magnitude-{key}.json")
+
+
+def cached_magnitude(expert, base) -> Optional[MagnitudeStat]:
+    """The cached statistic, or None; never reads a tensor."""
+    if not cache_enabled():
+        return None
+    path = _cache_file(expert, base)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return MagnitudeStat(**json.load(handle))
+
+
+def magnitude(expert, base, device: str = "cpu", quiet: bool = True) -> MagnitudeStat:
     """The expert's mean row change against ``base``, from the cache when possible."""
-    use_cache = cache_enabled() if use_cache is None else use_cache
-    path = None
-    if use_cache:
-        key = cache_key(local_path(expert), expert, local_path(base), base)
-        path = os.path.join(cache_dir(), f"magnitude-{key}.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as handle:
-                stat = MagnitudeStat(**json.load(handle))
-            LOG.info("magnitude of %s from cache: %.6g", expert, stat.mean_row_mav)
-            return stat
+    stat = cached_magnitude(expert, base)
+    if stat is not None:
+        LOG.info("magnitude of %s from cache: %.6g", expert, stat.mean_row_mav)
+        return stat
     stat = compute_magnitude(expert, base, device=device, quiet=quiet)
-    if path is not None:
+    if cache_enabled():
+        path = _cache_file(expert, base)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:

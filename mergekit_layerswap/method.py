@@ -97,3 +97,16 @@ def mix_roles(
             total = term if total is None else total.add_(term)
         denominator += coefficient
     return total.div_(denominator).to(out_dtype)
+
+
+def _register_if_registry_loaded() -> None:
+    import sys
+
+    registry = sys.modules.get("mergekit.merge_methods.registry")
+    if registry is not None and hasattr(registry, "registered_methods"):
+        from mergekit_layerswap.registration import on_registry
+
+        on_registry(registry)
+
+
+_register_if_registry_loaded()

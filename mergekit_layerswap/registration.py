@@ -11,6 +11,11 @@ import sys
 
 
 def on_registry(registry_module) -> None:
+    method_module = sys.modules.get("mergekit_layerswap.method")
+    if method_module is not None and not hasattr(method_module, "layer_swap"):
+        # method.py itself is importing mergekit (it was imported first): it
+        # registers the method at its end, once the kernel is defined
+        return
     from mergekit_layerswap.method import layer_swap
 
     names = {m.spec.name for m in registry_module.registered_methods()}

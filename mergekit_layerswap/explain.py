@@ -1,0 +1,199 @@
+"""``mergekit-layerswap explain``: a dry run that reads configs (and, for local models,
+safetensors headers), never tensors.
+
+It validates a recipe exactly as a merge does first, then reports where every layer
+comes from, with which mixing weights, what happens to non-layer tensors, and how many
+bytes the merge will read from each model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import click
+import yaml
+
+from mergekit_layerswap.layer_map import BLEND, ROLES, layer_source, role_shares
+from mergekit_layerswap.recipe import RecipeError
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def load_config(path: str):
+    from mergekit.config import MergeConfiguration
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+        return MergeConfiguration.model_validate(data)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    except Exception as error:  # YAML or mergekit schema error
+        text = " ".join(str(error).split())
+        raise RecipeError(f"{path} is not a valid mergekit recipe: {text[:300]}") from None
+
+
+def _tensor_bytes(shape, dtype: str) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * DTYPE_BYTES.get(dtype.upper().replace("TORCH.", ""), 4)
+
+
+def _bytes_to_read(run) -> Dict[str, Optional[int]]:
+    """Bytes of stored tensors the merge reads from each model (None: not local)."""
+    from mergekit_layerswap.checks import stored_tensors
+    from mergekit_layerswap.magnitude import cached_magnitude
+
+    recipe, info = run.recipe, run.info
+    result: Dict[str, Optional[int]] = {}
+    for expert in recipe.experts:
+        if not os.path.isdir(expert.model.model.path) or expert.model.lora:
+            result[str(expert.model)] = None
+            continue
+        stored = stored_tensors(expert.model)
+        layers = info.layer_of(expert.model)
+        needs_all = recipe.weighting == "magnitude" and cached_magnitude(expert.model, recipe.base_model) is None
+        total = 0
+        for name, (shape, dtype) in stored.items():
+            shares = role_shares(layers.get(name), info.num_layers, recipe.zones, recipe.non_layer,
+                                 recipe.transition_shape)
+            if needs_all or shares[expert.role] > 0:
+                total += _tensor_bytes(shape, dtype)
+        result[str(expert.model)] = total
+    base = recipe.base_model
+    if base is not None:
+        cached = all(cached_magnitude(e.model, base) is not None for e in recipe.experts)
+        if recipe.weighting != "magnitude" or cached:
+            result[str(base)] = 0
+        elif os.path.isdir(base.model.path):
+            result[str(base)] = sum(_tensor_bytes(s, d) for s, d in stored_tensors(base).values())
+        else:
+            result[str(base)] = None
+    return result
+
+
+def _role_weights(run) -> Dict[str, Any]:
+    """Each role's mean expert weight (None when a weight varies per tensor), x 1/m if known."""
+    from mergekit_layerswap.magnitude import cached_magnitude
+
+    out: Dict[str, Any] = {}
+    for role in ROLES:
+        values = []
+        for expert in run.recipe.of_role(role):
+            if not isinstance(expert.weight, (int, float)):
+                values = None
+                break
+            w = float(expert.weight)
+            if run.recipe.weighting == "magnitude":
+                stat = cached_magnitude(expert.model, run.recipe.base_model) if os.path.isdir(
+                    expert.model.model.path) else None
+                if stat is None:
+                    values = None
+                    break
+                w /= stat.mean_row_mav
+            values.append(w)
+        out[role] = sum(values) / len(values) if values else None
+    return out
+
+
+def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
+    from mergekit_layerswap.method import METHOD_NAME
+    from mergekit_layerswap.planning import prepare
+
+    config = load_config(path)
+    if config.merge_method != METHOD_NAME:
+        raise RecipeError(f"{path} uses merge_method {config.merge_method!r}; explain describes layer_swap recipes")
+    run = prepare(config, trust_remote_code=trust_remote_code)
+    recipe, info = run.recipe, run.info
+    weights = _role_weights(run)
+
+    def mix(shares):
+        active = {r: shares[r] for r in ROLES if shares[r] > 0}
+        if len(active) == 1 or any(weights[r] is None for r in active):
+            return {r: (round(s, 6) if len(active) > 1 else 1.0) for r, s in active.items()}, len(active) == 1
+        total = sum(active[r] * weights[r] for r in active)
+        return {r: round(active[r] * weights[r] / total, 6) for r in active}, True
+
+    layers: List[Dict[str, Any]] = []
+    for layer in range(info.num_layers):
+        shares = role_shares(layer, info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
+        fractions, resolved = mix(shares)
+        layers.append({"layer": layer, "source": layer_source(layer, info.num_layers, recipe.zones),
+                       "mix": fractions, "mix_is_final": resolved})
+    non_layer_fractions, non_layer_resolved = mix(role_shares(None, None, recipe.zones, recipe.non_layer))
+    return {
+        "recipe": path,
+        "architecture": info.arch_info.architectures[0],
+        "num_layers": info.num_layers,
+        "zones": vars(recipe.zones),
+        "weighting": recipe.weighting,
+        "non_layer": recipe.non_layer,
+        "transition_shape": recipe.transition_shape,
+        "experts": [{"model": str(e.model), "role": e.role, "weight": e.weight if isinstance(e.weight, (int, float))
+                     else "per tensor"} for e in recipe.experts],
+        "base_model": str(recipe.base_model) if recipe.base_model is not None else None,
+        "config_from": str(recipe.donor),
+        "layers": layers,
+        "non_layer_mix": non_layer_fractions,
+        "non_layer_mix_is_final": non_layer_resolved,
+        "bytes_to_read": _bytes_to_read(run),
+    }
+
+
+def _human(n: Optional[int]) -> str:
+    if n is None:
+        return "unknown (not a local checkpoint)"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _mix_text(mix: Dict[str, float], final: bool) -> str:
+    if len(mix) == 1:
+        return "-"
+    text = " + ".join(f"{share:.3g} {role}" for role, share in mix.items())
+    return text if final else text + " (before the experts' weights / magnitude)"
+
+
+def render_text(report: Dict[str, Any]) -> str:
+    lines = [
+        f"{report['recipe']}: layer_swap over {report['num_layers']} decoder layers ({report['architecture']})",
+    ]
+    for expert in report["experts"]:
+        lines.append(f"  {expert['role']:<8} expert: {expert['model']}  (weight {expert['weight']})")
+    zones = report["zones"]
+    lines.append(
+        f"  zones: bottom_layers={zones['bottom_layers']} top_layers={zones['top_layers']} "
+        f"bottom_transition={zones['bottom_transition']} top_transition={zones['top_transition']}; "
+        f"weighting: {report['weighting']}" + (f" against {report['base_model']}" if report["base_model"] else "")
+    )
+    lines.append("")
+    lines.append(f"  {'layer':>5}  {'source':<9} mix")
+    for row in reversed(report["layers"]):
+        source = "blend" if row["source"] == BLEND else row["source"]
+        lines.append(f"  {row['layer']:>5}  {source:<9} {_mix_text(row['mix'], row['mix_is_final'])}")
+    lines.append("")
+    lines.append(f"  non-layer tensors (embeddings, final norm, lm_head): {report['non_layer']}"
+                 + (f", {_mix_text(report['non_layer_mix'], report['non_layer_mix_is_final'])}"
+                    if len(report["non_layer_mix"]) > 1 else ""))
+    lines.append(f"  config.json, tokenizer and generation config from: {report['config_from']}")
+    lines.append("  bytes to read:")
+    for model, n in report["bytes_to_read"].items():
+        lines.append(f"    {model}: {_human(n)}")
+    return "\n".join(lines)
+
+
+@click.command("explain")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--trust-remote-code", is_flag=True, help="Allow custom code in model configs.")
+def explain_command(recipe: str, fmt: str, trust_remote_code: bool):
+    """Validate RECIPE as a merge would and show where every layer comes from (reads no tensors)."""
+    report = explain(recipe, trust_remote_code=trust_remote_code)
+    click.echo(json.dumps(report, indent=2) if fmt == "json" else render_text(report))
