@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-# mergekit's method registry first: importing mergekit_layerswap.planning before any
-# mergekit.merge_methods module is loaded runs into a circular import via the hook
-import mergekit.merge_methods.registry as registry  # noqa: E402,I001
-from mergekit.merge_methods.base import BasePolicy  # noqa: E402
-from mergekit.config import MergeConfiguration  # noqa: E402
+import mergekit.merge_methods.registry as registry
+from mergekit.config import MergeConfiguration
+from mergekit.merge_methods.base import BasePolicy
 
-from mergekit_layerswap.layer_map import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares  # noqa: E402
-from mergekit_layerswap.planning import prepare  # noqa: E402
-from mergekit_layerswap.recipe import DEFAULTS, ZONE_PARAMETERS  # noqa: E402
+from mergekit_layerswap.layer_map import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares
+from mergekit_layerswap.planning import prepare
+from mergekit_layerswap.recipe import DEFAULTS, ZONE_PARAMETERS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEMO = "demo_swh_math.yaml"  # local paths built by the demo: parsed only
