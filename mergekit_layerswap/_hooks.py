@@ -22,6 +22,7 @@ WATCHED: Dict[str, str] = {
     "mergekit.merge_methods.registry": "mergekit_layerswap.registration:on_registry",
     "mergekit.plan": "mergekit_layerswap.planning:on_plan",
     "mergekit.merge": "mergekit_layerswap.planning:on_merge",
+    "mergekit.scripts.multimerge": "mergekit_layerswap.planning:on_multimerge",
 }
 
 

@@ -9,7 +9,7 @@ against ``base_model`` (``magnitude``). A recipe cannot set either.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from pydantic import NonNegativeInt, PositiveFloat
@@ -42,7 +42,7 @@ Role = Literal["task", "language"]
 )
 def layer_swap(
     group: TensorGroup,
-    role: PerInput[Role],
+    role: PerInput[Optional[Role]] = None,
     weight: PerInput[PositiveFloat] = 1.0,
     bottom_layers: NonNegativeInt = 5,
     top_layers: NonNegativeInt = 2,
@@ -51,6 +51,8 @@ def layer_swap(
     weighting: Literal["uniform", "magnitude"] = "uniform",
     non_layer: Literal["average", "language", "task"] = "average",
     transition_shape: Literal["flat", "linear"] = "flat",
+    blend_method: str = "average",
+    blend_options: Optional[Tuple[Tuple[str, Any], ...]] = None,
     layer_index: Optional[NonNegativeInt] = None,
     num_layers: Optional[NonNegativeInt] = None,
     magnitude: PerInput[PositiveFloat] = 1.0,
@@ -58,45 +60,86 @@ def layer_swap(
     zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
     shares = role_shares(layer_index, num_layers, zones, non_layer, transition_shape)
     members: Dict[str, List[Tuple[torch.Tensor, float]]] = {r: [] for r in ROLES}
-    for entry in group.entries:
+    for entry in group.non_base:
         w = weight[entry.id]
         if weighting == "magnitude":
             w = w / magnitude[entry.id]
         members[role[entry.id]].append((entry.tensor, w))
-    return mix_roles(members, shares, name=group.metadata.name)
+    if blend_method == "average":
+        return mix_roles(members, shares, name=group.metadata.name)
+    base = group.base.tensor if group.base is not None else None
+    return blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
 
 
-def mix_roles(
-    members: Dict[str, List[Tuple[torch.Tensor, float]]],
-    shares: Dict[str, float],
-    name: Optional[str] = None,
-) -> torch.Tensor:
-    """Average each role's experts, then blend the roles.
+Members = Dict[str, List[Tuple[torch.Tensor, float]]]
+
+
+def _active_roles(members: Members, shares: Dict[str, float], name: Optional[str]) -> List[str]:
+    active = [r for r in ROLES if shares[r] > 0]
+    for r in active:
+        if not members[r]:
+            raise ValueError(f"{name}: no {r} expert tensor was loaded")
+    return active
+
+
+def _weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
+    total = None
+    for tensor, coefficient in terms:
+        term = tensor.to(dtype) * coefficient
+        total = term if total is None else total.add_(term)
+    return total
+
+
+def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = None) -> torch.Tensor:
+    """Average each role's experts, then blend the roles (the paper's weighted average).
 
     A role's soup is the weighted mean of its experts and carries the mean of their
     weights; the output is ``sum(s_r * W_r * soup_r) / sum(s_r * W_r)`` over roles
     with share ``s_r > 0``. A single expert taken whole is returned untouched
     (bit-identical); every average is computed in float32 or wider.
     """
-    active = [r for r in ROLES if shares[r] > 0]
-    for r in active:
-        if not members[r]:
-            raise ValueError(f"{name}: no {r} expert tensor was loaded")
+    active = _active_roles(members, shares, name)
     if len(active) == 1 and len(members[active[0]]) == 1:
         return members[active[0]][0][0]
     out_dtype = members[active[0]][0][0].dtype
     acc_dtype = torch.promote_types(out_dtype, torch.float32)
-    total = None
+    terms = []
     denominator = 0.0
     for r in active:
-        role_weight = sum(w for _, w in members[r]) / len(members[r])
-        coefficient = shares[r] * role_weight
         soup_weight = sum(w for _, w in members[r])
-        for tensor, w in members[r]:
-            term = tensor.to(acc_dtype) * (coefficient * w / soup_weight)
-            total = term if total is None else total.add_(term)
+        coefficient = shares[r] * soup_weight / len(members[r])
+        terms += [(tensor, coefficient * w / soup_weight) for tensor, w in members[r]]
         denominator += coefficient
-    return total.div_(denominator).to(out_dtype)
+    return _weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)
+
+
+def blend_roles(members: Members, shares: Dict[str, float], method_name: str, options: Dict[str, Any],
+                base: Optional[torch.Tensor], metadata) -> torch.Tensor:
+    """Like ``mix_roles``, but two role soups are combined by another registered mergekit
+    method (``blend_method``), which sees each soup with weight ``s_r * W_r``."""
+    import sys
+
+    from mergekit.merge_methods.base import BasePolicy, TensorEntry
+
+    active = _active_roles(members, shares, metadata.name)
+    if len(active) == 1:
+        return mix_roles(members, shares, metadata.name)
+    out_dtype = members[active[0]][0][0].dtype
+    acc_dtype = torch.promote_types(out_dtype, torch.float32)
+    method = sys.modules["mergekit.merge_methods.registry"].get(method_name)
+    entries, weights = [], {}
+    for r in active:
+        soup_weight = sum(w for _, w in members[r])
+        soup = _weighted_sum([(t, w / soup_weight) for t, w in members[r]], acc_dtype)
+        entries.append(TensorEntry(id=r, tensor=soup))
+        weights[r] = shares[r] * soup_weight / len(members[r])
+    if base is not None and method.spec.contract.base != BasePolicy.IGNORED:
+        entries.append(TensorEntry(id="base", tensor=base.to(acc_dtype), is_base=True))
+    parameters = dict(options)
+    if any(p.name == "weight" for p in method.spec.parameters):
+        parameters["weight"] = weights
+    (result,) = method((TensorGroup(entries=tuple(entries), metadata=metadata),), parameters=parameters)
+    return result.to(out_dtype)
 
 
 def _register_if_registry_loaded() -> None:

@@ -21,7 +21,10 @@ for ``merge_method: layer_swap`` recipes and nothing for any other method:
   expert instead of an arbitrary (hash-ordered) model;
 * ``mergekit.merge.generate_card`` - a model card that describes the swap;
 * ``mergekit.card.is_hf`` - an existing local path is local (0.1.5 asks the Hub
-  about relative paths such as ``models/task`` and fails offline after writing).
+  about relative paths such as ``models/task`` and fails offline after writing);
+* ``mergekit.scripts.multimerge.load_config`` - every layer_swap stage of a
+  mergekit-multi file is checked (its structure: models may not exist yet) before
+  the first stage runs.
 
 ``MERGEKIT_LAYERSWAP_READ_ALL=1`` plans the unoptimised way (both experts read for
 every tensor); outputs are identical, which the tests check.
@@ -168,11 +171,13 @@ def _plan_tensor(original):
         shares = role_shares(
             layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
         )
+        blending = sum(share > 0 for share in shares.values()) > 1
+        with_base = blending and recipe.base_model is not None and recipe.blend_needs_base
         keep = [
             index
             for index, model in enumerate(models)
-            if recipe.role_of(model) is not None
-            and (read_all() or shares[recipe.role_of(model)] > 0)
+            if (recipe.role_of(model) is not None and (read_all() or shares[recipe.role_of(model)] > 0))
+            or (with_base and model == recipe.base_model)
         ]
         planned = len(self._tensors)
         original(
@@ -186,7 +191,9 @@ def _plan_tensor(original):
             return  # an optional tensor (untied lm_head) no expert stores
         out_weight, task = self._tensors[-1]
         parameters = dict(task.parameters.items())
-        parameters.update(layer_index=layer, num_layers=run.info.num_layers)
+        parameters.update(
+            layer_index=layer, num_layers=run.info.num_layers, blend_options=recipe.blend_options
+        )
         input_parameters = {
             model: ImmutableMap(
                 {**dict(values.items()), "magnitude": _magnitude_of(run, model)}
@@ -266,6 +273,25 @@ def _local_paths_are_local(original):
         return original(path)
 
     return is_hf
+
+
+# ------------------------------------------------- mergekit.scripts.multimerge
+def on_multimerge(multimerge_module) -> None:
+    _require(multimerge_module, None, ("load_config",))
+    wrap(multimerge_module, "load_config", _checking_stages)
+
+
+def _checking_stages(original):
+    def load_config(*args, **kwargs):
+        from mergekit_layerswap.recipe import parse_recipe
+
+        merge_configs, dependencies = original(*args, **kwargs)
+        for config in merge_configs.values():
+            if is_layer_swap(config):
+                parse_recipe(config)
+        return merge_configs, dependencies
+
+    return load_config
 
 
 # ------------------------------------------------------------------- guards

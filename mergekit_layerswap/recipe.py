@@ -36,10 +36,12 @@ DEFAULTS: Dict[str, Any] = {
     "weighting": "uniform",
     "non_layer": "average",
     "transition_shape": "flat",
+    "blend_method": "average",
 }
 SHARED_PARAMETERS = tuple(DEFAULTS)
+BLEND_PREFIX = "blend_"
 PER_MODEL_PARAMETERS = ("role", "weight")
-PLANNER_PARAMETERS = ("layer_index", "num_layers", "magnitude")
+PLANNER_PARAMETERS = ("layer_index", "num_layers", "magnitude", "blend_options")
 
 
 class RecipeError(click.ClickException, ValueError):
@@ -68,6 +70,12 @@ class SwapRecipe:
     weighting: str = "uniform"
     non_layer: str = "average"
     transition_shape: str = "flat"
+    blend_method: str = "average"
+    blend_options: Tuple[Tuple[str, Any], ...] = ()
+
+    @property
+    def blend_needs_base(self) -> bool:
+        return self.blend_method != "average" and blend_uses_base(self.blend_method)
 
     def of_role(self, role: str) -> List[Expert]:
         return [e for e in self.experts if e.role == role]
@@ -129,6 +137,10 @@ def _check_shared(name: str, setting: Any) -> Any:
             f"parameters.{name} must be one value for the whole model, not a per-tensor "
             f"list or filter; write e.g. `{name}: {DEFAULTS[name]}`"
         )
+    if name == "blend_method":
+        if not isinstance(setting, str):
+            raise RecipeError(f"parameters.blend_method must be a merge method name; got {setting!r}")
+        return setting
     if name in ZONE_PARAMETERS:
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
             raise RecipeError(
@@ -175,7 +187,13 @@ def parse_recipe(config) -> SwapRecipe:
             "would be ambiguous); list each expert once under `models:` with its role"
         )
     params = dict(config.parameters or {})
-    _refuse_unknown(params, SHARED_PARAMETERS + ("weight",), "parameters")
+    blend_settings = {
+        k: v for k, v in params.items()
+        if k.startswith(BLEND_PREFIX) and k != "blend_method" and k not in PLANNER_PARAMETERS
+    }
+    _refuse_unknown(
+        [k for k in params if k not in blend_settings], SHARED_PARAMETERS + ("weight",), "parameters"
+    )
     shared = {name: _check_shared(name, params.get(name, DEFAULTS[name])) for name in SHARED_PARAMETERS}
     if "weight" in params:
         _check_weight(params["weight"], "parameters")
@@ -220,6 +238,7 @@ def parse_recipe(config) -> SwapRecipe:
             "weighting: magnitude needs base_model (the model both experts were fine-tuned "
             "from); add `base_model:` or use `weighting: uniform`"
         )
+    blend_options = check_blend(shared["blend_method"], blend_settings, base)
     return SwapRecipe(
         experts=tuple(experts),
         base_model=base,
@@ -227,7 +246,73 @@ def parse_recipe(config) -> SwapRecipe:
         weighting=shared["weighting"],
         non_layer=shared["non_layer"],
         transition_shape=shared["transition_shape"],
+        blend_method=shared["blend_method"],
+        blend_options=blend_options,
     )
+
+
+def _blend_method(name: str):
+    import sys
+
+    import mergekit.merge_methods.registry  # noqa: F401
+
+    registry = sys.modules["mergekit.merge_methods.registry"]
+    known = sorted(m.spec.name for m in registry.registered_methods())
+    if name not in known or name == "layer_swap":
+        raise RecipeError(
+            f"parameters.blend_method {name!r} is not a registered mergekit method usable for blends; "
+            f"use average (the paper's weighted average) or one of: {', '.join(n for n in known if n != 'layer_swap')}"
+        )
+    return registry.get(name)
+
+
+def blend_uses_base(name: str) -> bool:
+    from mergekit.merge_methods.base import BasePolicy
+
+    return _blend_method(name).spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
+
+
+def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[str, Any], ...]:
+    """Check ``blend_method`` and its ``blend_<parameter>`` settings; return the options."""
+    if name == "average":
+        if settings:
+            raise RecipeError(
+                f"parameters.{next(iter(settings))} only applies with a blend_method other than average; "
+                f"remove it or set blend_method"
+            )
+        return ()
+    from mergekit.merge_methods.base import BasePolicy
+
+    method = _blend_method(name)
+    contract = method.spec.contract
+    if contract.base == BasePolicy.REQUIRED and base is None:
+        raise RecipeError(
+            f"blend_method {name} needs base_model (it merges differences from a base); add base_model "
+            f"or choose a method without a base such as linear"
+        )
+    ids = ["task", "language"] + (["base"] if base is not None and contract.base != BasePolicy.IGNORED else [])
+    try:
+        contract.validate_ids(ids, "base" if "base" in ids else None)
+    except ValueError as error:
+        raise RecipeError(
+            f"blend_method {name} cannot blend the two experts ({error}); choose another method"
+        ) from None
+    accepted = {p.name: p for p in method.spec.parameters if p.name != "weight"}
+    options = []
+    for key, value in settings.items():
+        inner = key[len(BLEND_PREFIX):]
+        if inner not in accepted:
+            raise RecipeError(
+                f"parameters.{key}: {name} has no parameter {inner!r} (its parameters: "
+                f"{', '.join(sorted(accepted)) or 'none'})"
+            )
+        if not _is_scalar(value):
+            raise RecipeError(f"parameters.{key} must be one value; got {value!r}")
+        try:
+            options.append((inner, accepted[inner].validate(value)))
+        except Exception:
+            raise RecipeError(f"parameters.{key}: {value!r} is not a valid {inner} for {name}") from None
+    return tuple(sorted(options))
 
 
 def check_zone_fit(zones: SwapZones, num_layers: int) -> None:
