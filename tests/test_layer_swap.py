@@ -197,3 +197,44 @@ def test_reading_only_needed_inputs_changes_nothing(families, tmp_path, monkeypa
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def _as_pickled(src, dst):
+    """Re-save a checkpoint as a pickled pytorch_model.bin (what --lazy-unpickle reads)."""
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.save(load_tensors(src), os.path.join(dst, "pytorch_model.bin"))
+    return str(dst)
+
+
+def test_pickled_inputs_with_lazy_unpickle(families, tmp_path):
+    from conftest import Family
+
+    src = families("llama")
+    fam = Family.__new__(Family)
+    fam.arch, fam.base = src.arch, src.base
+    fam.task = _as_pickled(src.task, tmp_path / "task")
+    fam.lang = _as_pickled(src.lang, tmp_path / "lang")
+    out = merge(tmp_path, swap_recipe(fam, **ZONED), "--lazy-unpickle")
+    check_swap(out, src, ZONED_SOURCES[8])
+
+
+def test_async_writer_and_single_thread(families, tmp_path):
+    fam = families("llama")
+    out = merge(tmp_path, swap_recipe(fam, **ZONED), "--async-write", "-j", "1", "--out-shard-size", "50K")
+    check_swap(out, fam, ZONED_SOURCES[8])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gpu_options", [("--cuda",), ("--cuda", "--read-to-gpu"), ("--cuda", "--low-cpu-memory")])
+def test_cuda_matches_cpu(families, tmp_path, gpu_options):
+    fam = families("llama")
+    recipe = swap_recipe(fam, base=True, weighting="magnitude", **ZONED)
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "gpu").mkdir()
+    cpu = load_tensors(merge(tmp_path / "cpu", recipe))
+    gpu = load_tensors(merge(tmp_path / "gpu", recipe, *gpu_options))
+    assert cpu.keys() == gpu.keys()
+    for name in cpu:
+        assert torch.allclose(cpu[name], gpu[name], atol=1e-6), name
