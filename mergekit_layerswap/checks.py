@@ -158,7 +158,8 @@ def stored_tensors(model) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     return {name: shapes[name] for name in index.tensor_paths if name in shapes}
 
 
-def _find(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str]:
+def find_stored(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str]:
+    """The name under which a checkpoint stores ``weight`` (aliases, and tied names if asked)."""
     names = [weight.name] + list(weight.aliases or [])
     if with_tied:
         names += list(weight.tied_names or [])
@@ -178,7 +179,7 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
         w for layer in range(info.num_layers) for w in module.layer_weights(layer)
     ] + module.post_weights()
     for weight in weights:
-        own = {m: _find(weight, stored[m], with_tied=False) for m in experts}
+        own = {m: find_stored(weight, stored[m], with_tied=False) for m in experts}
         if weight.optional:
             present = [m for m in experts if own[m]]
             if present and len(present) != len(experts) and not tokenizer_configured:
@@ -190,7 +191,7 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
                 )
             if not present:
                 continue
-        found = {m: _find(weight, stored[m], with_tied=weight.optional) for m in experts}
+        found = {m: find_stored(weight, stored[m], with_tied=weight.optional) for m in experts}
         for model, name in found.items():
             if name is None:
                 raise RecipeError(
@@ -199,7 +200,7 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
                 )
         shapes = {m: stored[m][found[m]][0] for m in experts}
         if recipe.base_model is not None and recipe.weighting == "magnitude":
-            base_name = _find(weight, stored[recipe.base_model], with_tied=weight.optional)
+            base_name = find_stored(weight, stored[recipe.base_model], with_tied=weight.optional)
             if base_name is not None:
                 shapes[recipe.base_model] = stored[recipe.base_model][base_name][0]
         if len(set(shapes.values())) > 1:

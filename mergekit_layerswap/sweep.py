@@ -1,0 +1,312 @@
+"""Sweep swap configurations: assemble each candidate in memory, evaluate it, keep the best.
+
+Experts are loaded once (when they fit in memory) and magnitude statistics come from
+the cache, so a candidate costs a re-assembly and an evaluation, not a re-read or a
+checkpoint. When the experts do not fit, each candidate is merged through mergekit
+into a temporary directory instead (and the sweep says so). Results are appended to
+``results.csv`` as they come, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import click
+import yaml
+
+from mergekit_layerswap.layer_map import ROLES, SwapZones
+from mergekit_layerswap.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS, RecipeError
+
+SWEEPABLE = ZONE_PARAMETERS + tuple(CHOICE_PARAMETERS)
+FIELDS = ["name", "kind", *SWEEPABLE, "metric", "score", "stderr", "count", "higher_is_better"]
+BASELINES = ("task-expert", "language-expert", "soup")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    kind: str  # "swap" or "baseline"
+    parameters: Dict[str, Any] = field(default_factory=dict)
+
+
+def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
+    grid: Dict[str, List[Any]] = {}
+    for item in items:
+        name, sep, values = item.partition("=")
+        if not sep or not values:
+            raise click.BadParameter(f"{item!r}: write NAME=V1,V2,... e.g. bottom_layers=3,4,5", param_hint="--grid")
+        if name not in SWEEPABLE:
+            raise click.BadParameter(f"{name!r} cannot be swept; use one of {', '.join(SWEEPABLE)}", param_hint="--grid")
+        parsed = []
+        for value in values.split(","):
+            if name in ZONE_PARAMETERS:
+                if not value.strip().isdigit():
+                    raise click.BadParameter(f"{name}={values}: zone sizes are whole numbers >= 0", param_hint="--grid")
+                parsed.append(int(value))
+            elif value not in CHOICE_PARAMETERS[name]:
+                raise click.BadParameter(f"{name}={value}: use one of {', '.join(CHOICE_PARAMETERS[name])}",
+                                         param_hint="--grid")
+            else:
+                parsed.append(value)
+        grid[name] = parsed
+    if not grid:
+        raise click.BadParameter("give at least one NAME=V1,V2,...", param_hint="--grid")
+    return grid
+
+
+def candidate_name(parameters: Dict[str, Any]) -> str:
+    short = {"bottom_layers": "b", "top_layers": "u", "bottom_transition": "tb", "top_transition": "tu"}
+    return "-".join(f"{short.get(k, k)}{v}" for k, v in parameters.items())
+
+
+def candidates(grid: Dict[str, List[Any]], num_layers: int, zones: SwapZones) -> Tuple[List[Candidate], List[str]]:
+    """Every grid point whose zones fit the model, and the names of those that do not."""
+    fitting, skipped = [], []
+    names = list(grid)
+    for values in itertools.product(*(grid[n] for n in names)):
+        parameters = dict(zip(names, values))
+        zone_values = {k: v for k, v in parameters.items() if k in ZONE_PARAMETERS}
+        if dataclasses.replace(zones, **zone_values).total > num_layers:
+            skipped.append(candidate_name(parameters))
+        else:
+            fitting.append(Candidate(candidate_name(parameters), "swap", parameters))
+    return fitting, skipped
+
+
+def variant(recipe, parameters: Dict[str, Any]):
+    """The recipe with only the swept parameters changed."""
+    zone_values = {k: v for k, v in parameters.items() if k in ZONE_PARAMETERS}
+    others = {k: v for k, v in parameters.items() if k not in ZONE_PARAMETERS}
+    return dataclasses.replace(recipe, zones=dataclasses.replace(recipe.zones, **zone_values), **others)
+
+
+def baseline_recipe(recipe, name: str, num_layers: int):
+    """task / language expert alone, or the plain 1:1 soup of the two, as layer_swap recipes."""
+    if name == "soup":
+        half = num_layers // 2
+        zones = SwapZones(0, 0, half, num_layers - half)
+        return dataclasses.replace(recipe, zones=zones, weighting="uniform", non_layer="average",
+                                   transition_shape="flat", blend_method="average", blend_options=(),
+                                   experts=tuple(dataclasses.replace(e, weight=1.0) for e in recipe.experts))
+    role = "task" if name == "task-expert" else "language"
+    zones = SwapZones(num_layers, 0, 0, 0) if role == "language" else SwapZones(0, 0, 0, 0)
+    return dataclasses.replace(recipe, zones=zones, non_layer=role)
+
+
+def fingerprint(tensors: Dict[str, Any]) -> Dict[str, str]:
+    """sha256 of every tensor's bytes: compares weights across runs without storing them."""
+    import torch
+
+    out = {}
+    for name in sorted(tensors):
+        raw = tensors[name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+        out[name] = hashlib.sha256(raw).hexdigest()
+    return out
+
+
+def experts_fit_in_memory(run, factor: float = 2.5) -> bool:
+    from mergekit_layerswap.checks import stored_tensors
+    from mergekit_layerswap.explain import _tensor_bytes
+
+    need = sum(_tensor_bytes(s, d) for m in run.recipe.models for s, d in stored_tensors(m).values())
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return need * factor < available
+
+
+class ResultsFile:
+    """``results.csv`` with one row per evaluated candidate; rows survive interruptions."""
+
+    def __init__(self, out_dir: str, settings: Dict[str, Any]):
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "results.csv")
+        settings_path = os.path.join(out_dir, "sweep.json")
+        if os.path.exists(settings_path):
+            with open(settings_path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+            if previous != settings:
+                raise click.UsageError(f"{out_dir} holds results of a different sweep; use a new --out directory")
+        else:
+            with open(settings_path, "w", encoding="utf-8") as handle:
+                json.dump(settings, handle, indent=2, sort_keys=True)
+        self.rows: Dict[str, Dict[str, Any]] = {}
+        if os.path.exists(self.path):
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                for row in csv.DictReader(handle):
+                    self.rows[row["name"]] = row
+
+    def add(self, candidate: Candidate, score) -> Dict[str, Any]:
+        row = {"name": candidate.name, "kind": candidate.kind, **{k: candidate.parameters.get(k, "") for k in SWEEPABLE},
+               "metric": score.metric, "score": repr(score.value),
+               "stderr": "" if score.stderr is None else repr(score.stderr), "count": score.count,
+               "higher_is_better": score.higher_is_better}
+        new_file = not os.path.exists(self.path)
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        self.rows[candidate.name] = {k: str(v) for k, v in row.items()}
+        return row
+
+    def best(self) -> Optional[Dict[str, Any]]:
+        swaps = [r for r in self.rows.values() if r["kind"] == "swap"]
+        if not swaps:
+            return None
+        higher = swaps[0]["higher_is_better"] == "True"
+        return (max if higher else min)(swaps, key=lambda r: float(r["score"]))
+
+
+def write_best_recipe(recipe_path: str, row: Dict[str, Any], out_path: str) -> None:
+    with open(recipe_path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle)
+    parameters = dict(data.get("parameters") or {})
+    for name in SWEEPABLE:
+        if row.get(name, "") != "":
+            parameters[name] = int(row[name]) if name in ZONE_PARAMETERS else row[name]
+    data["parameters"] = parameters
+    header = (f"# best of a layer_swap sweep: {row['name']} with {row['metric']} = {float(row['score']):.6g}"
+              f" over {row['count']} items\n")
+    with open(out_path, "w", encoding="utf-8") as handle:
+        handle.write(header + yaml.safe_dump(data, sort_keys=False))
+
+
+def plot(results: ResultsFile, out_path: str) -> bool:
+    try:
+        import matplotlib
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    del matplotlib
+    rows = list(results.rows.values())
+    swaps = [r for r in rows if r["kind"] == "swap"]
+    baselines = [r for r in rows if r["kind"] == "baseline"]
+    figure = Figure(figsize=(max(6, 0.35 * len(swaps) + 2), 4.5), dpi=100)
+    axes = figure.add_subplot()
+    axes.bar(range(len(swaps)), [float(r["score"]) for r in swaps], color="#4c72b0")
+    axes.set_xticks(range(len(swaps)), [r["name"] for r in swaps], rotation=70, fontsize=7)
+    for row, style in zip(baselines, ("--", ":", "-.")):
+        axes.axhline(float(row["score"]), linestyle=style, color="#c44e52", label=row["name"])
+    if baselines:
+        axes.legend(fontsize=8)
+    metric = rows[0]["metric"] if rows else ""
+    axes.set_ylabel(metric)
+    axes.set_title(f"layer_swap sweep: {metric} per configuration")
+    figure.tight_layout()
+    figure.savefig(out_path)
+    return True
+
+
+def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], eval_spec: str, out_dir: str,
+              evaluate: Callable[[Any, Any], Any], device: str = "cpu", baselines: bool = True,
+              echo: Callable[[str], None] = print, quiet: bool = False) -> Dict[str, Any]:
+    """Run (or resume) a sweep; ``evaluate(model, tokenizer)`` returns an evaluate.Score."""
+    import torch
+    import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_layerswap.assemble import LoadedExperts, assemble
+    from mergekit_layerswap.explain import load_config
+    from mergekit_layerswap.planning import prepare, resolve_magnitudes
+
+    config = load_config(recipe_path)
+    if config.merge_method != "layer_swap":
+        raise RecipeError(f"{recipe_path} uses merge_method {config.merge_method!r}; sweep takes a layer_swap recipe")
+    run = prepare(config)
+    resolve_magnitudes(run, device=device, quiet=quiet)
+    todo, skipped = candidates(grid, run.info.num_layers, run.recipe.zones)
+    if skipped:
+        echo(f"skipped {len(skipped)} grid points whose zones exceed {run.info.num_layers} layers: {', '.join(skipped)}")
+    if baselines:
+        todo = [Candidate(name, "baseline") for name in BASELINES] + todo
+    settings = {"recipe": os.path.abspath(recipe_path), "grid": grid, "eval": eval_spec}
+    results = ResultsFile(out_dir, settings)
+    pending = [c for c in todo if c.name not in results.rows]
+    if len(pending) < len(todo):
+        echo(f"resuming: {len(todo) - len(pending)} of {len(todo)} candidates already evaluated")
+
+    donor = run.recipe.donor
+    from mergekit.io.tasks import LoaderCache
+
+    donor_path = LoaderCache().get(donor).index.base_path
+    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype or "", torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(donor_path)
+    model = None
+    in_memory = experts_fit_in_memory(run)
+    experts = None
+    if pending:
+        if in_memory:
+            experts = LoadedExperts(run, dtype=config.dtype)
+        else:
+            echo("the experts do not fit in memory: each candidate is merged to a temporary directory (streaming)")
+        model = AutoModelForCausalLM.from_pretrained(donor_path, dtype=torch_dtype).to(device).eval()
+
+    best_score = results.best()
+    for candidate in tqdm.tqdm(pending, desc="Sweep", disable=quiet):
+        recipe = (variant(run.recipe, candidate.parameters) if candidate.kind == "swap"
+                  else baseline_recipe(run.recipe, candidate.name, run.info.num_layers))
+        candidate_run = dataclasses.replace(run, recipe=recipe)
+        if experts is not None:
+            state = dict(assemble(candidate_run, experts, out_dtype=config.out_dtype))
+        else:
+            state = _merge_to_disk(candidate_run, config)
+        missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
+        if unexpected:
+            raise RuntimeError(f"candidate tensors the model does not have: {unexpected[:3]}")
+        score = evaluate(model, tokenizer)
+        row = results.add(candidate, score)
+        echo(f"{candidate.name}: {score.metric} = {score.value:.6g}")
+        best = results.best()
+        if candidate.kind == "swap" and best is not None and best["name"] == candidate.name:
+            with open(os.path.join(out_dir, "best_fingerprint.json"), "w", encoding="utf-8") as handle:
+                json.dump({"name": candidate.name, "tensors": fingerprint(state)}, handle, indent=1)
+        del state, row
+    best_score = results.best()
+    if best_score is not None:
+        write_best_recipe(recipe_path, best_score, os.path.join(out_dir, "best.yaml"))
+    plotted = plot(results, os.path.join(out_dir, "scores.png"))
+    return {"results": results.path, "best": best_score, "plot": plotted, "in_memory": in_memory}
+
+
+def _merge_to_disk(run, config) -> Dict[str, Any]:
+    """Streaming fallback: write the candidate with mergekit, read it back, delete it."""
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from safetensors.torch import load_file
+
+    recipe = run.recipe
+    data = {
+        "merge_method": "layer_swap",
+        "models": [{"model": str(e.model), "parameters": {"role": e.role, "weight": e.weight}} for e in recipe.experts],
+        "parameters": {**dataclasses.asdict(recipe.zones), "weighting": recipe.weighting,
+                       "non_layer": recipe.non_layer, "transition_shape": recipe.transition_shape,
+                       "blend_method": recipe.blend_method,
+                       **{f"blend_{k}": v for k, v in recipe.blend_options}},
+        "dtype": config.dtype,
+    }
+    if recipe.base_model is not None:
+        data["base_model"] = str(recipe.base_model)
+    from mergekit.config import MergeConfiguration
+
+    out = tempfile.mkdtemp(prefix="layerswap-candidate-")
+    try:
+        run_merge(MergeConfiguration.model_validate(data), out,
+                  MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
+        state = {}
+        for name in sorted(os.listdir(out)):
+            if name.endswith(".safetensors"):
+                state.update(load_file(os.path.join(out, name)))
+        return state
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+__all__ = ["run_sweep", "parse_grid", "candidates", "Candidate", "ROLES"]
