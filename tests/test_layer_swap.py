@@ -238,3 +238,17 @@ def test_cuda_matches_cpu(families, tmp_path, gpu_options):
     assert cpu.keys() == gpu.keys()
     for name in cpu:
         assert torch.allclose(cpu[name], gpu[name], atol=1e-6), name
+
+
+def test_model_card_describes_the_swap(families, tmp_path):
+    fam = families("llama")
+    out = merge(tmp_path, swap_recipe(fam, base=True, weighting="magnitude", **ZONED))
+    card = open(os.path.join(out, "README.md")).read()
+    for row in ("| 0-1 | language expert |", "| 2 | blend of task and language experts |", "| 3-5 | task expert |",
+                "| 6 | blend of task and language experts |", "| 7 | language expert |"):
+        assert row in card, row
+    assert f"| task | {fam.task} | 1.0 |" in card and f"| language | {fam.lang} | 1.0 |" in card
+    # the magnitude reference is not presented as a base the model was merged on
+    assert "none of its weights are in this model" in card and "as a base" not in card
+    assert "layer-swapping" in card and "weighting: magnitude" in card.split("## Recipe")[1]
+    assert open(os.path.join(out, "mergekit_config.yml")).read().startswith("merge_method: layer_swap")
