@@ -85,11 +85,11 @@ ARCHS: Dict[str, Arch] = {
 }
 
 
-def _write_tokenizer(path: str, marker: str) -> None:
+def _write_tokenizer(path: str, marker: str, size: int = VOCAB) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, size)}}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
@@ -120,7 +120,9 @@ def make_model(arch: Arch, path: str, seed: int, base_path: Optional[str] = None
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
-    _write_tokenizer(path, marker=os.path.basename(path))
+    config = model.config
+    size = getattr(config, "vocab_size", None) or VOCAB
+    _write_tokenizer(path, marker=os.path.basename(path), size=size)
     return path
 
 

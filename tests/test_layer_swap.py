@@ -252,3 +252,28 @@ def test_model_card_describes_the_swap(families, tmp_path):
     assert "none of its weights are in this model" in card and "as a base" not in card
     assert "layer-swapping" in card and "weighting: magnitude" in card.split("## Recipe")[1]
     assert open(os.path.join(out, "mergekit_config.yml")).read().startswith("merge_method: layer_swap")
+
+
+def test_tokenizer_option_aligns_different_vocabularies(families, tmp_path):
+    from checkpoints import ARCHS, Arch, make_model
+
+    fam = families("llama")
+    base = ARCHS["llama"]
+
+    def bigger_vocab():
+        config = base.make_config()
+        config.vocab_size = 100  # tokens w0..w95 as in the others, plus w96..w99
+        return config
+
+    lang = make_model(Arch("llama100", bigger_vocab, base.layer_prefix, 8), str(tmp_path / "lang100"), seed=31)
+    models = [{"model": fam.task, "parameters": {"role": "task"}}, {"model": lang, "parameters": {"role": "language"}}]
+    recipe = swap_recipe(fam, models=models, **ZONED)
+    recipe["tokenizer"] = {"source": fam.task}
+    out = load_tensors(merge(tmp_path, recipe))
+    task, lang_t = load_tensors(fam.task), load_tensors(lang)
+    # the task tokenizer's 96 tokens keep their ids in both: embeddings align row for row
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert out[name].shape[0] == 96
+        assert torch.allclose(out[name], (task[name] + lang_t[name][:96]) / 2, atol=1e-6)
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], lang_t["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(out["model.layers.4.mlp.up_proj.weight"], task["model.layers.4.mlp.up_proj.weight"])
