@@ -67,6 +67,8 @@ def layer_swap(
         members[role[entry.id]].append((entry.tensor, w))
     if blend_method == "average":
         return mix_roles(members, shares, name=group.metadata.name)
+    from mergekit_layerswap.blend import blend_roles
+
     base = group.base.tensor if group.base is not None else None
     return blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
 
@@ -74,7 +76,7 @@ def layer_swap(
 Members = Dict[str, List[Tuple[torch.Tensor, float]]]
 
 
-def _active_roles(members: Members, shares: Dict[str, float], name: Optional[str]) -> List[str]:
+def active_roles(members: Members, shares: Dict[str, float], name: Optional[str]) -> List[str]:
     active = [r for r in ROLES if shares[r] > 0]
     for r in active:
         if not members[r]:
@@ -82,7 +84,7 @@ def _active_roles(members: Members, shares: Dict[str, float], name: Optional[str
     return active
 
 
-def _weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
+def weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
     total = None
     for tensor, coefficient in terms:
         term = tensor.to(dtype) * coefficient
@@ -98,7 +100,7 @@ def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = 
     with share ``s_r > 0``. A single expert taken whole is returned untouched
     (bit-identical); every average is computed in float32 or wider.
     """
-    active = _active_roles(members, shares, name)
+    active = active_roles(members, shares, name)
     if len(active) == 1 and len(members[active[0]]) == 1:
         return members[active[0]][0][0]
     out_dtype = members[active[0]][0][0].dtype
@@ -110,36 +112,7 @@ def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = 
         coefficient = shares[r] * soup_weight / len(members[r])
         terms += [(tensor, coefficient * w / soup_weight) for tensor, w in members[r]]
         denominator += coefficient
-    return _weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)
-
-
-def blend_roles(members: Members, shares: Dict[str, float], method_name: str, options: Dict[str, Any],
-                base: Optional[torch.Tensor], metadata) -> torch.Tensor:
-    """Like ``mix_roles``, but two role soups are combined by another registered mergekit
-    method (``blend_method``), which sees each soup with weight ``s_r * W_r``."""
-    import sys
-
-    from mergekit.merge_methods.base import BasePolicy, TensorEntry
-
-    active = _active_roles(members, shares, metadata.name)
-    if len(active) == 1:
-        return mix_roles(members, shares, metadata.name)
-    out_dtype = members[active[0]][0][0].dtype
-    acc_dtype = torch.promote_types(out_dtype, torch.float32)
-    method = sys.modules["mergekit.merge_methods.registry"].get(method_name)
-    entries, weights = [], {}
-    for r in active:
-        soup_weight = sum(w for _, w in members[r])
-        soup = _weighted_sum([(t, w / soup_weight) for t, w in members[r]], acc_dtype)
-        entries.append(TensorEntry(id=r, tensor=soup))
-        weights[r] = shares[r] * soup_weight / len(members[r])
-    if base is not None and method.spec.contract.base != BasePolicy.IGNORED:
-        entries.append(TensorEntry(id="base", tensor=base.to(acc_dtype), is_base=True))
-    parameters = dict(options)
-    if any(p.name == "weight" for p in method.spec.parameters):
-        parameters["weight"] = weights
-    (result,) = method((TensorGroup(entries=tuple(entries), metadata=metadata),), parameters=parameters)
-    return result.to(out_dtype)
+    return weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)
 
 
 def _register_if_registry_loaded() -> None:

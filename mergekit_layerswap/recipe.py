@@ -75,6 +75,8 @@ class SwapRecipe:
 
     @property
     def blend_needs_base(self) -> bool:
+        from mergekit_layerswap.blend import blend_uses_base
+
         return self.blend_method != "average" and blend_uses_base(self.blend_method)
 
     def of_role(self, role: str) -> List[Expert]:
@@ -98,13 +100,13 @@ class SwapRecipe:
         return None
 
 
-def _is_scalar(value: Any) -> bool:
+def is_scalar(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
 def _numbers_in(setting: Any) -> Optional[List[Any]]:
     """Every value a weight setting can take (scalars, gradient lists, filters)."""
-    if _is_scalar(setting):
+    if is_scalar(setting):
         return [setting]
     if isinstance(setting, list):
         values = []
@@ -132,7 +134,7 @@ def _check_weight(setting: Any, where: str) -> None:
 
 
 def _check_shared(name: str, setting: Any) -> Any:
-    if not _is_scalar(setting):
+    if not is_scalar(setting):
         raise RecipeError(
             f"parameters.{name} must be one value for the whole model, not a per-tensor "
             f"list or filter; write e.g. `{name}: {DEFAULTS[name]}`"
@@ -238,6 +240,8 @@ def parse_recipe(config) -> SwapRecipe:
             "weighting: magnitude needs base_model (the model both experts were fine-tuned "
             "from); add `base_model:` or use `weighting: uniform`"
         )
+    from mergekit_layerswap.blend import check_blend
+
     blend_options = check_blend(shared["blend_method"], blend_settings, base)
     return SwapRecipe(
         experts=tuple(experts),
@@ -249,70 +253,6 @@ def parse_recipe(config) -> SwapRecipe:
         blend_method=shared["blend_method"],
         blend_options=blend_options,
     )
-
-
-def _blend_method(name: str):
-    import sys
-
-    import mergekit.merge_methods.registry  # noqa: F401
-
-    registry = sys.modules["mergekit.merge_methods.registry"]
-    known = sorted(m.spec.name for m in registry.registered_methods())
-    if name not in known or name == "layer_swap":
-        raise RecipeError(
-            f"parameters.blend_method {name!r} is not a registered mergekit method usable for blends; "
-            f"use average (the paper's weighted average) or one of: {', '.join(n for n in known if n != 'layer_swap')}"
-        )
-    return registry.get(name)
-
-
-def blend_uses_base(name: str) -> bool:
-    from mergekit.merge_methods.base import BasePolicy
-
-    return _blend_method(name).spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
-
-
-def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[str, Any], ...]:
-    """Check ``blend_method`` and its ``blend_<parameter>`` settings; return the options."""
-    if name == "average":
-        if settings:
-            raise RecipeError(
-                f"parameters.{next(iter(settings))} only applies with a blend_method other than average; "
-                f"remove it or set blend_method"
-            )
-        return ()
-    from mergekit.merge_methods.base import BasePolicy
-
-    method = _blend_method(name)
-    contract = method.spec.contract
-    if contract.base == BasePolicy.REQUIRED and base is None:
-        raise RecipeError(
-            f"blend_method {name} needs base_model (it merges differences from a base); add base_model "
-            f"or choose a method without a base such as linear"
-        )
-    ids = ["task", "language"] + (["base"] if base is not None and contract.base != BasePolicy.IGNORED else [])
-    try:
-        contract.validate_ids(ids, "base" if "base" in ids else None)
-    except ValueError as error:
-        raise RecipeError(
-            f"blend_method {name} cannot blend the two experts ({error}); choose another method"
-        ) from None
-    accepted = {p.name: p for p in method.spec.parameters if p.name != "weight"}
-    options = []
-    for key, value in settings.items():
-        inner = key[len(BLEND_PREFIX):]
-        if inner not in accepted:
-            raise RecipeError(
-                f"parameters.{key}: {name} has no parameter {inner!r} (its parameters: "
-                f"{', '.join(sorted(accepted)) or 'none'})"
-            )
-        if not _is_scalar(value):
-            raise RecipeError(f"parameters.{key} must be one value; got {value!r}")
-        try:
-            options.append((inner, accepted[inner].validate(value)))
-        except Exception:
-            raise RecipeError(f"parameters.{key}: {value!r} is not a valid {inner} for {name}") from None
-    return tuple(sorted(options))
 
 
 def check_zone_fit(zones: SwapZones, num_layers: int) -> None:
