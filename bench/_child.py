@@ -1,0 +1,47 @@
+"""One timed job of bench/bench.py, run as its own process by the bench's interpreter.
+
+    python bench/_child.py merge REPORT.json <mergekit-yaml arguments...>
+    python bench/_child.py copy  REPORT.json SRC_DIR DST_DIR
+
+``merge`` imports ``mergekit.scripts.run_yaml`` (which is all the ``mergekit-yaml``
+console script does, so the .pth hook and every import are the same as for the real
+command), takes a timestamp, and calls its ``main``; ``copy`` copies a model's
+``*.safetensors`` files with ``shutil.copyfile``. REPORT.json receives the seconds spent
+before the job (interpreter start-up is not included: it is before this file runs),
+the seconds of the job itself, and VmHWM / RssAnon from /proc/self/status at the end.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+t_start = time.perf_counter()
+mode, report_path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+
+if mode == "merge":
+    from mergekit.scripts.run_yaml import main
+
+    t0 = time.perf_counter()
+    main(args, standalone_mode=False)
+    t1 = time.perf_counter()
+elif mode == "copy":
+    src, dst = args
+    os.makedirs(dst, exist_ok=True)
+    t0 = time.perf_counter()
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".safetensors"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    t1 = time.perf_counter()
+else:
+    raise SystemExit(f"unknown mode {mode}")
+
+status = {}
+with open("/proc/self/status") as handle:
+    for line in handle:
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon", "RssFile"):
+            status[key + "_kB"] = int(value.split()[0])
+with open(report_path, "w") as handle:
+    json.dump({"imports_s": t0 - t_start, "job_s": t1 - t0, **status}, handle)
