@@ -11,14 +11,13 @@ imported (or not installed at all).
 from __future__ import annotations
 
 import importlib
-import importlib.abc
-import importlib.util
 import sys
-import threading
-from typing import Callable, Dict, List
+
+# (no ``importlib.abc`` and no ``typing``: in Python 3.11 importing importlib.abc alone
+# pulls in importlib.resources, pathlib, tempfile and more, ~18 ms at every start)
 
 # module name -> "package.module:function" called with the freshly executed module
-WATCHED: Dict[str, str] = {
+WATCHED = {
     "mergekit.merge_methods.registry": "mergekit_layerswap.registration:on_registry",
     "mergekit.plan": "mergekit_layerswap.planning:on_plan",
     "mergekit.merge": "mergekit_layerswap.planning:on_merge",
@@ -31,7 +30,9 @@ def _call(target: str, module) -> None:
     getattr(importlib.import_module(module_name), function)(module)
 
 
-class _NotifyingLoader(importlib.abc.Loader):
+class _NotifyingLoader:
+    """Wraps the module's own loader; runs the callback after the module executed."""
+
     def __init__(self, loader, target: str):
         self._loader = loader
         self._target = target
@@ -47,26 +48,29 @@ class _NotifyingLoader(importlib.abc.Loader):
         return getattr(self._loader, name)
 
 
-class _PostImportFinder(importlib.abc.MetaPathFinder):
+class _PostImportFinder:
+    """A sys.meta_path finder that answers only for the watched module names."""
+
     def __init__(self):
-        self._busy = threading.local()
+        self._busy = set()  # names being looked up by the other finders right now
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in WATCHED or getattr(self._busy, fullname.replace(".", "_"), False):
+        if fullname not in WATCHED or fullname in self._busy:
             return None
-        flag = fullname.replace(".", "_")
-        setattr(self._busy, flag, True)
+        import importlib.util  # only now: it costs ~3 ms that a plain start should not pay
+
+        self._busy.add(fullname)
         try:
             spec = importlib.util.find_spec(fullname)
         finally:
-            setattr(self._busy, flag, False)
+            self._busy.discard(fullname)
         if spec is None or spec.loader is None:
             return None
         spec.loader = _NotifyingLoader(spec.loader, WATCHED[fullname])
         return spec
 
 
-_installed: List[_PostImportFinder] = []
+_installed = []
 
 
 def install() -> None:
@@ -88,7 +92,7 @@ def patched(obj, attribute: str) -> bool:
     return getattr(getattr(obj, attribute, None), "__layerswap_original__", None) is not None
 
 
-def wrap(obj, attribute: str, make: Callable) -> None:
+def wrap(obj, attribute: str, make) -> None:
     """Replace ``obj.attribute`` by ``make(original)`` once (idempotent)."""
     if patched(obj, attribute):
         return

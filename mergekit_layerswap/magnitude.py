@@ -72,12 +72,23 @@ def _ordered_names(index) -> Iterator[str]:
         yield from by_shard[shard]
 
 
-def row_mav(expert_tensor, base_tensor):
-    """Per-row mean absolute change in float32; a 1-D tensor is one row."""
-    delta = (expert_tensor.float() - base_tensor.float()).abs_()
-    if delta.ndim == 1:
-        return delta.mean().reshape(1)
-    return delta.mean(dim=1)
+def row_mav(expert_tensor, base_tensor, block_elements: int = 1 << 22):
+    """Per-row mean absolute change in float32; a 1-D tensor is one row.
+
+    Rows are processed in blocks of about ``block_elements`` values, so the float32
+    working copies stay small even for a large embedding matrix in bf16."""
+    import torch
+
+    if expert_tensor.ndim == 1:
+        expert_tensor, base_tensor = expert_tensor.reshape(1, -1), base_tensor.reshape(1, -1)
+    rows, columns = expert_tensor.shape
+    step = max(1, block_elements // max(columns, 1))
+    out = torch.empty(rows, dtype=torch.float32, device=expert_tensor.device)
+    for start in range(0, rows, step):
+        block = expert_tensor[start:start + step].float()
+        block.sub_(base_tensor[start:start + step].float()).abs_()
+        out[start:start + step] = block.mean(dim=1)
+    return out
 
 
 def stream_row_mavs(expert, base, device: str = "cpu", quiet: bool = True, desc: str = "") -> Iterator[Tuple[str, object]]:
