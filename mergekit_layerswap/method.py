@@ -85,10 +85,12 @@ def active_roles(members: Members, shares: Dict[str, float], name: Optional[str]
 
 
 def weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
-    total = None
-    for tensor, coefficient in terms:
-        term = tensor.to(dtype) * coefficient
-        total = term if total is None else total.add_(term)
+    """sum(coefficient * tensor) in ``dtype``, with one working buffer and no temporaries
+    beyond each input's conversion."""
+    (first, c0), rest = terms[0], terms[1:]
+    total = first.to(dtype=dtype, copy=True).mul_(c0)
+    for tensor, coefficient in rest:
+        total.add_(tensor.to(dtype), alpha=coefficient)
     return total
 
 
