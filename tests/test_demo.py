@@ -170,7 +170,8 @@ def test_finetune_moves_weights_a_little_and_saves(tiny_llama, tmp_path):
     layer = "model.layers.3.mlp.down_proj.weight"
     assert after[layer].dtype == torch.float32
     change = (after[layer] - before[layer]).abs().max().item()
-    assert 0 < change <= 4 * 1e-3 * 1.01  # AdamW moves a weight by at most ~lr per step
+    # an AdamW step moves a weight by about lr, never more than ~3.2 lr (beta defaults)
+    assert 0 < change <= 4 * 1e-3 * 3.2
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
