@@ -20,8 +20,10 @@ Tensors outside the layers (embeddings, final norm, lm_head, anything the archit
 does not list) are kept under their own tensor name with no layer.
 
 Thresholds: the paper's 1.9e-5 (its math expert) and 1.0e-5 (its language expert),
-plus ``auto``: each expert's own 0.9 quantile of all its row values (numpy's linear
-interpolation), i.e. the value only its 10% most-changed rows exceed. Absolute
+plus ``auto``: each expert's own 0.9 quantile of the row values of its 2-D layer
+matrices, the rows a heatmap shows (numpy's linear interpolation), i.e. the value only
+10% of those rows exceed. (Embedding rows are left out of the quantile: there are many
+of them and they often move most, which would leave the heatmap nearly empty.) Absolute
 values depend on learning rate, steps and dtype, so the automatic one is the one that
 reads well for any pair of experts; it is per expert because the paper, too, showed
 each expert with its own threshold. A row counts as above a threshold when its value
@@ -70,8 +72,12 @@ class ExpertDelta:
     def all_rows(self) -> np.ndarray:
         return np.concatenate([v for v in self.row_mavs.values()]) if self.row_mavs else np.zeros(0)
 
+    def matrix_rows(self) -> np.ndarray:
+        values = [v for name, v in self.row_mavs.items() if self.places[name].matrix]
+        return np.concatenate(values) if values else np.zeros(0)
+
     def auto_threshold(self) -> float:
-        rows = self.all_rows()
+        rows = self.matrix_rows()
         return float(np.quantile(rows, AUTO_QUANTILE)) if rows.size else 0.0
 
     def resolve(self, threshold: Threshold) -> float:
