@@ -137,9 +137,10 @@ def _normalize_config(original):
         check_tensors(run.recipe, run.info, tokenizer_configured=configured_tokenizer)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
         resolve_magnitudes(run, device=device or "cpu", quiet=self.options.quiet)
-        LOG.info(describe_weights(run))
+        weights = describe_weights(run)
+        LOG.info(weights)
         if not self.options.quiet:
-            print(describe_weights(run), file=sys.stderr)
+            print(weights, file=sys.stderr)
         self._layer_swap = run
         self._layer_swap_layer = None
 
