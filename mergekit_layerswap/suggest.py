@@ -175,7 +175,7 @@ def recipe_text(suggestion: Suggestion, task: Any, language: Any, base: Any) -> 
         f"# rule: b={suggestion.raw.bottom_layers} u={suggestion.raw.top_layers} "
         f"t_b={suggestion.raw.bottom_transition} t_u={suggestion.raw.top_transition}"
         + ("; clipped to the paper's ranges" if suggestion.notes else ""),
-        f"# Run: mergekit-yaml <this file> <output directory>",
+        "# Run: mergekit-yaml <this file> <output directory>",
     ]
     body = yaml.safe_dump(recipe(task, language, base, zones), sort_keys=False)
     return "\n".join(header) + "\n" + body

@@ -7,7 +7,6 @@ directory that holds only a config.json of the Llama-3.1-8B shape, which is all
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

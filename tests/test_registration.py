@@ -5,10 +5,7 @@ import shutil
 import subprocess
 import sys
 
-import torch
-
-from checkpoints import load_tensors
-from conftest import run_yaml_subprocess, write_recipe
+from conftest import write_recipe
 from expectations import check_swap
 
 

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from types import CodeType
 from fractions import Fraction
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 MAX_DRAWS = 20_000
 
