@@ -50,6 +50,20 @@ class ModelsInfo:
         return names
 
 
+# element sizes by safetensors header name and by torch name (pickled checkpoints)
+DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1, "FLOAT64": 8, "FLOAT32": 4, "BFLOAT16": 2, "FLOAT16": 2,
+               "INT64": 8, "INT32": 4, "INT16": 2, "INT8": 1, "UINT8": 1}
+
+
+def tensor_bytes(shape, dtype: str) -> int:
+    """Bytes of a stored tensor, from its header shape and dtype name."""
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * DTYPE_BYTES[dtype.upper().replace("TORCH.", "")]
+
+
 def _all_models(recipe: SwapRecipe) -> List[Any]:
     return recipe.models + ([recipe.base_model] if recipe.base_model is not None else [])
 

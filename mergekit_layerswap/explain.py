@@ -18,9 +18,6 @@ import yaml
 from mergekit_layerswap.layer_map import BLEND, ROLES, layer_source, role_shares
 from mergekit_layerswap.recipe import RecipeError
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1}
-
 
 def load_config(path: str):
     from mergekit.config import MergeConfiguration
@@ -36,16 +33,9 @@ def load_config(path: str):
         raise RecipeError(f"{path} is not a valid mergekit recipe: {text[:300]}") from None
 
 
-def _tensor_bytes(shape, dtype: str) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * DTYPE_BYTES.get(dtype.upper().replace("TORCH.", ""), 4)
-
-
 def _bytes_to_read(run) -> Dict[str, Optional[int]]:
     """Bytes of stored tensors the merge reads from each model (None: not local)."""
-    from mergekit_layerswap.checks import stored_tensors
+    from mergekit_layerswap.checks import stored_tensors, tensor_bytes
     from mergekit_layerswap.magnitude import cached_magnitude
 
     recipe, info = run.recipe, run.info
@@ -62,7 +52,7 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
             shares = role_shares(layers.get(name), info.num_layers, recipe.zones, recipe.non_layer,
                                  recipe.transition_shape)
             if needs_all or shares[expert.role] > 0:
-                total += _tensor_bytes(shape, dtype)
+                total += tensor_bytes(shape, dtype)
         result[str(expert.model)] = total
     base = recipe.base_model
     if base is not None:
@@ -70,7 +60,7 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         if recipe.weighting != "magnitude" or cached:
             result[str(base)] = 0
         elif os.path.isdir(base.model.path):
-            result[str(base)] = sum(_tensor_bytes(s, d) for s, d in stored_tensors(base).values())
+            result[str(base)] = sum(tensor_bytes(s, d) for s, d in stored_tensors(base).values())
         else:
             result[str(base)] = None
     return result
