@@ -33,22 +33,42 @@ def load_config(path: str):
         raise RecipeError(f"{path} is not a valid mergekit recipe: {text[:300]}") from None
 
 
-def _bytes_to_read(run) -> Dict[str, Optional[int]]:
-    """Bytes of stored tensors the merge reads from each model (None: not local)."""
-    from mergekit_layerswap.checks import stored_tensors, tensor_bytes
+def _is_local(model) -> bool:
+    return model is not None and os.path.isdir(model.model.path) and not model.lora
+
+
+def _load_cached_magnitudes(run) -> None:
+    """Fill ``run.magnitudes`` from the cache, for local models only: looking up a hub
+    model's cache key would download it, and explain reads nothing but configs."""
     from mergekit_layerswap.magnitude import cached_magnitude
 
+    base = run.recipe.base_model
+    if run.recipe.weighting != "magnitude" or not _is_local(base):
+        return
+    for expert in run.recipe.experts:
+        if _is_local(expert.model):
+            stat = cached_magnitude(expert.model, base)
+            if stat is not None:
+                run.magnitudes[expert.model] = stat
+
+
+def _bytes_to_read(run) -> Dict[str, Optional[int]]:
+    """Bytes of stored tensors the merge reads from each model (None: not local).
+    Expects ``_load_cached_magnitudes`` to have run: an uncached statistic means the
+    magnitude pass reads the whole expert and the whole base."""
+    from mergekit_layerswap.checks import stored_tensors, tensor_bytes
+
     recipe, info = run.recipe, run.info
+    magnitude_pass = recipe.weighting == "magnitude"
     result: Dict[str, Optional[int]] = {}
     for expert in recipe.experts:
-        if not os.path.isdir(expert.model.model.path) or expert.model.lora:
+        if not _is_local(expert.model):
             result[str(expert.model)] = None
             continue
-        stored = stored_tensors(expert.model)
         layers = info.layer_of(expert.model)
-        needs_all = recipe.weighting == "magnitude" and cached_magnitude(expert.model, recipe.base_model) is None
+        needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
-        for name, (shape, dtype) in stored.items():
+        for name, (shape, dtype) in stored_tensors(expert.model).items():
             shares = role_shares(layers.get(name), info.num_layers, recipe.zones, recipe.non_layer,
                                  recipe.transition_shape)
             if needs_all or shares[expert.role] > 0:
@@ -56,10 +76,9 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         result[str(expert.model)] = total
     base = recipe.base_model
     if base is not None:
-        cached = all(cached_magnitude(e.model, base) is not None for e in recipe.experts)
-        if recipe.weighting != "magnitude" or cached:
+        if not magnitude_pass or all(e.model in run.magnitudes for e in recipe.experts):
             result[str(base)] = 0
-        elif os.path.isdir(base.model.path):
+        elif _is_local(base):
             result[str(base)] = sum(tensor_bytes(s, d) for s, d in stored_tensors(base).values())
         else:
             result[str(base)] = None
@@ -67,24 +86,17 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
 
 
 def _role_weights(run) -> Dict[str, Any]:
-    """Each role's mean expert weight (None when a weight varies per tensor), x 1/m if known."""
-    from mergekit_layerswap.magnitude import cached_magnitude
-
+    """Each role's mean effective weight (weight x 1/m, as a merge resolves it); None when
+    a weight varies per tensor or a magnitude statistic is not cached yet."""
     out: Dict[str, Any] = {}
     for role in ROLES:
         values = []
         for expert in run.recipe.of_role(role):
-            if not isinstance(expert.weight, (int, float)):
+            known = run.recipe.weighting != "magnitude" or expert.model in run.magnitudes
+            w = run.effective_weight(expert) if known else None
+            if w is None:
                 values = None
                 break
-            w = float(expert.weight)
-            if run.recipe.weighting == "magnitude":
-                stat = cached_magnitude(expert.model, run.recipe.base_model) if os.path.isdir(
-                    expert.model.model.path) else None
-                if stat is None:
-                    values = None
-                    break
-                w /= stat.mean_row_mav
             values.append(w)
         out[role] = sum(values) / len(values) if values else None
     return out
@@ -99,6 +111,7 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
         raise RecipeError(f"{path} uses merge_method {config.merge_method!r}; explain describes layer_swap recipes")
     run = prepare(config, trust_remote_code=trust_remote_code)
     recipe, info = run.recipe, run.info
+    _load_cached_magnitudes(run)
     weights = _role_weights(run)
 
     def mix(shares):

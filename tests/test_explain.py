@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from checkpoints import load_tensors
@@ -58,3 +60,30 @@ def test_bad_recipe_is_refused_like_a_merge(families, tmp_path):
     assert result.exit_code != 0
     assert result.output.strip().startswith("Error: ") and "8 decoder layers" in result.output
     assert explain(tmp_path / "missing.yaml").exit_code != 0
+
+
+def test_magnitude_mix_and_bytes_before_and_after_the_statistics_are_cached(families, tmp_path, monkeypatch):
+    from conftest import run_yaml_inprocess
+    from expectations import row_mav_mean
+
+    monkeypatch.setenv("MERGEKIT_LAYERSWAP_CACHE", str(tmp_path / "cache"))
+    fam = families("llama")
+    path = write_recipe(tmp_path / "r.yaml", swap_recipe(fam, base=True, weighting="magnitude", bottom_layers=2,
+                                                            top_layers=1, bottom_transition=1, top_transition=1))
+
+    def size(model_dir, keep=lambda name: True):
+        return sum(t.numel() * t.element_size() for n, t in load_tensors(model_dir).items() if keep(n))
+
+    before = json.loads(explain(path, "--format", "json").output)
+    # not cached yet: the magnitude pass reads every expert and the base whole
+    assert before["bytes_to_read"] == {fam.task: size(fam.task), fam.lang: size(fam.lang), fam.base: size(fam.base)}
+    assert before["layers"][2]["mix_is_final"] is False
+
+    assert run_yaml_inprocess(path, tmp_path / "out").exit_code == 0
+    after = json.loads(explain(path, "--format", "json").output)
+    w_task, w_lang = 1 / row_mav_mean(fam.task, fam.base), 1 / row_mav_mean(fam.lang, fam.base)
+    assert after["layers"][2]["mix_is_final"] is True
+    assert after["layers"][2]["mix"]["task"] == pytest.approx(w_task / (w_task + w_lang), rel=1e-4)
+    assert after["bytes_to_read"][fam.base] == 0
+    # non-layer tensors are averaged (the default), so both experts read them
+    assert after["bytes_to_read"][fam.lang] == size(fam.lang, lambda n: fam.arch.layer_of(n) in (None, 0, 1, 2, 6, 7))
