@@ -162,7 +162,6 @@ def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], eval_spec: str, out_
             echo("the experts do not fit in memory: each candidate is merged to a temporary directory (streaming)")
         model = AutoModelForCausalLM.from_pretrained(donor_path, dtype=torch_dtype).to(device).eval()
 
-    best_score = results.best()
     for candidate in tqdm.tqdm(pending, desc="Sweep", disable=quiet):
         recipe = (variant(run.recipe, candidate.parameters) if candidate.kind == "swap"
                   else baseline_recipe(run.recipe, candidate.name, run.info.num_layers))
@@ -204,6 +203,7 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
                        "blend_method": recipe.blend_method,
                        **{f"blend_{k}": v for k, v in recipe.blend_options}},
         "dtype": config.dtype,
+        "out_dtype": config.out_dtype,
     }
     if recipe.base_model is not None:
         data["base_model"] = str(recipe.base_model)
