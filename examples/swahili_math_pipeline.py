@@ -92,7 +92,7 @@ def demo_run(root: str):
     from mergekit.config import MergeConfiguration
 
     from mergekit_layerswap.demo.merge import RECIPE_PREFIX, find_recipe
-    from mergekit_layerswap.planning import prepare, resolve_magnitudes
+    from mergekit_layerswap.adapter.planner import prepare, resolve_magnitudes
 
     with open(find_recipe()) as handle:
         data = yaml.safe_load(handle)
@@ -110,8 +110,8 @@ def variant_state(name, kind, params, run, experts, root) -> Dict[str, torch.Ten
 
     from safetensors.torch import load_file
 
-    from mergekit_layerswap.assemble import assemble
-    from mergekit_layerswap.sweep import baseline_recipe, variant
+    from mergekit_layerswap.tools.assemble import assemble
+    from mergekit_layerswap.tools.sweep import baseline_recipe, variant
 
     if kind == "model":
         return load_file(os.path.join(root, "base", "model.safetensors"))
@@ -162,7 +162,7 @@ def solution_nll(model, tokenizer, problems, solution_tokens: int, batch_size: i
 def accuracy(model, tokenizer, out_dir: str, max_new_tokens: int, batch_size: int):
     """Greedy exact match through the package's evaluator (problems sorted by length so
     each batch pads little)."""
-    from mergekit_layerswap.evaluate import exact_match
+    from mergekit_layerswap.tools.evaluate import exact_match
 
     path = os.path.join(out_dir, "problems.jsonl")
     return exact_match(model, tokenizer, path, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
         return report_only(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_layerswap.assemble import LoadedExperts
+    from mergekit_layerswap.tools.assemble import LoadedExperts
     from mergekit_layerswap.demo.build import DemoSettings, build_all
 
     started = time.perf_counter()

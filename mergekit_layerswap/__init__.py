@@ -8,14 +8,14 @@ at interpreter start, so plain ``mergekit-yaml`` finds the method.
 
 __version__ = "0.1.0"
 
-from mergekit_layerswap import _hooks
+from mergekit_layerswap.adapter import hooks as _hooks
 
 _hooks.install()
 
 
 def __getattr__(name):
     if name == "layer_swap":
-        from mergekit_layerswap.registration import ensure_registered
+        from mergekit_layerswap.adapter.registration import ensure_registered
 
         return ensure_registered()
     raise AttributeError(name)

@@ -43,7 +43,7 @@ VIRIDIS_LOW, VIRIDIS_HIGH = (68, 1, 84), (253, 231, 37)
 
 
 def cli():
-    from mergekit_layerswap.cli import main
+    from mergekit_layerswap.cli.main import main
 
     return main
 
@@ -248,7 +248,7 @@ def zones_of(suggestion):
 
 
 def test_rule_on_hand_computed_profiles():
-    from mergekit_layerswap.suggest import suggest_zones
+    from mergekit_layerswap.tools.suggest import suggest_zones
 
     # r_lang = [1.714, 1.143, 0.571, 0.571], r_task = [0.667, 0.667, 0.667, 2.0]:
     # layers 0-1 language-led, layer 2 within x1.5 (0.571 vs 0.667), layer 3 not
@@ -262,7 +262,7 @@ def test_rule_on_hand_computed_profiles():
 
 
 def test_clipping_is_reported_and_the_zones_still_fit():
-    from mergekit_layerswap.suggest import suggest_zones
+    from mergekit_layerswap.tools.suggest import suggest_zones
 
     # equal profiles: no language-led layer, both boundary layers are transitions
     raw = suggest_zones([1, 1, 1, 1], [1, 1, 1, 1], clip=False)

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from checkpoints import ARCHS, make_model
-from mergekit_layerswap.cli import main
+from mergekit_layerswap.cli.main import main
 from mergekit_layerswap.demo.data import TemplateSource, generate_problems, load_templates
 from mergekit_layerswap.demo.finetune import FinetuneSettings, batches, finetune, train_step
 from mergekit_layerswap.demo.templates import TemplateError, instantiate, parse_template

@@ -11,7 +11,7 @@ from conftest import swap_recipe, write_recipe
 
 
 def explain(*args):
-    from mergekit_layerswap.cli import main
+    from mergekit_layerswap.cli.main import main
 
     return CliRunner().invoke(main, ["explain", *map(str, args)])
 

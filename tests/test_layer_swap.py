@@ -78,7 +78,7 @@ def test_magnitude_weighting(families, tmp_path):
 
 
 def test_magnitude_statistics_are_cached(families, tmp_path, monkeypatch):
-    import mergekit_layerswap.magnitude as magnitude
+    import mergekit_layerswap.adapter.magnitude as magnitude
 
     fam = families("mistral")
     recipe = swap_recipe(fam, base=True, weighting="magnitude", **ZONED)

@@ -13,7 +13,7 @@ from conftest import swap_recipe
 
 
 def test_mergekit_version_is_a_verified_one():
-    from mergekit_layerswap.planning import VERIFIED_MERGEKIT_VERSIONS
+    from mergekit_layerswap.adapter.planner import VERIFIED_MERGEKIT_VERSIONS
 
     assert version("mergekit") in VERIFIED_MERGEKIT_VERSIONS
 

@@ -16,9 +16,9 @@ import mergekit.merge_methods.registry as registry
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import BasePolicy
 
-from mergekit_layerswap.layer_map import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares
-from mergekit_layerswap.planning import prepare
-from mergekit_layerswap.recipe import DEFAULTS, ZONE_PARAMETERS
+from mergekit_layerswap.core.layers import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares
+from mergekit_layerswap.adapter.planner import prepare
+from mergekit_layerswap.core.recipe import DEFAULTS, ZONE_PARAMETERS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEMO = "demo_swh_math.yaml"  # local paths built by the demo: parsed only
@@ -235,7 +235,7 @@ def test_magnitude_soup_blends_every_tensor_alike():
 
 def test_magnitude_soup_kernel_equals_linear_with_inverse_magnitude_weights():
     import torch
-    from mergekit_layerswap.method import mix_roles
+    from mergekit_layerswap.adapter.kernel import mix_roles
 
     task, lang = torch.randn(3, 4), torch.randn(3, 4)
     m_task, m_lang = 2.0e-5, 9.0e-4
@@ -275,7 +275,7 @@ def test_magnitude_soup_recipe_merges_like_linear_with_inverse_m(families, tmp_p
 
     from checkpoints import load_tensors
     from conftest import run_yaml_inprocess, write_recipe
-    from mergekit_layerswap.magnitude import magnitude
+    from mergekit_layerswap.adapter.magnitude import magnitude
 
     family = families("llama")
     half = family.arch.num_layers // 2

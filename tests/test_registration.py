@@ -37,7 +37,7 @@ def test_silent_when_mergekit_is_missing(tmp_path):
 def test_import_registers_idempotently():
     import mergekit_layerswap
     from mergekit.merge_methods import registry
-    from mergekit_layerswap.registration import on_registry
+    from mergekit_layerswap.adapter.registration import on_registry
 
     on_registry(registry)
     on_registry(registry)

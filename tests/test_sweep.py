@@ -24,8 +24,8 @@ def setup(families, tmp_path):
 
 
 def _run(recipe, out, text, calls=None, fail_after=None, grid=GRID, **kwargs):
-    from mergekit_layerswap.evaluate import perplexity
-    from mergekit_layerswap.sweep import run_sweep
+    from mergekit_layerswap.tools.evaluate import perplexity
+    from mergekit_layerswap.tools.sweep import run_sweep
 
     def evaluate(model, tokenizer):
         if calls is not None:
@@ -61,7 +61,7 @@ def test_every_point_once_with_baselines_and_deterministic(setup, tmp_path):
 def test_baseline_scores_equal_the_experts_loaded_from_disk(setup, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_layerswap.evaluate import perplexity
+    from mergekit_layerswap.tools.evaluate import perplexity
 
     fam, recipe, text = setup
     _run(recipe, tmp_path / "out", text, grid={"bottom_layers": [1]})
@@ -99,7 +99,7 @@ def test_best_recipe_reproduces_the_best_candidate_bit_exactly(setup, tmp_path):
 
 
 def test_streaming_fallback_gives_the_same_results(setup, tmp_path, monkeypatch):
-    import mergekit_layerswap.sweep as sweep
+    import mergekit_layerswap.tools.sweep as sweep
 
     fam, recipe, text = setup
     grid = {"bottom_layers": [1, 2], "top_transition": [1]}
@@ -110,7 +110,7 @@ def test_streaming_fallback_gives_the_same_results(setup, tmp_path, monkeypatch)
 
 
 def test_final_number_extraction():
-    from mergekit_layerswap.evaluate import final_number
+    from mergekit_layerswap.tools.evaluate import final_number
 
     assert final_number("so the answer is 1,250.") == 1250
     assert final_number("Jibu ni -3.5 na 7") == 7
@@ -120,7 +120,7 @@ def test_final_number_extraction():
 def test_exact_match_scores_known_answers(families, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_layerswap.evaluate import exact_match
+    from mergekit_layerswap.tools.evaluate import exact_match
 
     fam = families("llama")
     model = AutoModelForCausalLM.from_pretrained(fam.task, dtype=torch.float32).eval()
@@ -147,7 +147,7 @@ def test_exact_match_scores_known_answers(families, tmp_path):
     (["--grid", "bottom_layers"], "NAME=V1,V2"),
 ])
 def test_bad_grid(setup, tmp_path, args, word):
-    from mergekit_layerswap.cli import main
+    from mergekit_layerswap.cli.main import main
 
     fam, recipe, text = setup
     result = CliRunner().invoke(main, ["sweep", recipe, *args, "--eval", f"perplexity:{text}", "--out",
@@ -157,7 +157,7 @@ def test_bad_grid(setup, tmp_path, args, word):
 
 
 def test_bad_eval_and_reused_out_dir(setup, tmp_path):
-    from mergekit_layerswap.cli import main
+    from mergekit_layerswap.cli.main import main
 
     fam, recipe, text = setup
     runner = CliRunner()

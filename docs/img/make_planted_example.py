@@ -36,7 +36,7 @@ MATH = {**{layer: 0.003 for layer in range(16)},
 def main():
     from click.testing import CliRunner
 
-    from mergekit_layerswap.cli import main as cli
+    from mergekit_layerswap.cli.main import main as cli
 
     arch = Arch("llama16", _config, "model.layers.{}.", 16)
     with tempfile.TemporaryDirectory() as root:

@@ -8,7 +8,7 @@ import os
 
 import click
 
-from mergekit_layerswap.analysis import AUTO, AUTO_QUANTILE, DEFAULT_THRESHOLDS
+from mergekit_layerswap.tools.analysis import AUTO, AUTO_QUANTILE, DEFAULT_THRESHOLDS
 
 
 class ModelType(click.ParamType):
@@ -97,7 +97,7 @@ def _check_distinct(base, models, hint: str) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, cuda, quiet):
     """Where did each expert change? Per-layer, per-matrix statistics and heatmaps."""
-    from mergekit_layerswap import analysis, heatmap
+    from mergekit_layerswap.tools import analysis, heatmap
 
     heatmap.require_matplotlib()
     _check_distinct(base, list(experts), "--expert")
@@ -129,7 +129,7 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, cuda,
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def suggest_command(base, task, language, out_path, no_clip, cuda, quiet):
     """Propose bottom/top/transition sizes from the two experts' per-layer changes."""
-    from mergekit_layerswap import analysis, suggest
+    from mergekit_layerswap.tools import analysis, suggest
 
     _check_distinct(base, [task, language], "--task/--language")
     if out_path and os.path.isdir(out_path):

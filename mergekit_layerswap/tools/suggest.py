@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mergekit_layerswap.layer_map import SwapZones
+from mergekit_layerswap.core.layers import SwapZones
 
 CLOSE_FACTOR = 1.5
 PAPER_RANGES: Dict[str, Tuple[int, int]] = {
@@ -54,7 +54,7 @@ class Suggestion:
     notes: List[str] = field(default_factory=list)  # what clipping changed
 
     def zone_of(self, layer: int, zones: Optional[SwapZones] = None) -> str:
-        from mergekit_layerswap.layer_map import layer_source
+        from mergekit_layerswap.core.layers import layer_source
 
         return layer_source(layer, self.num_layers, zones or self.zones)
 

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import click
 import yaml
 
-from mergekit_layerswap.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS
+from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS
 
 SWEEPABLE = ZONE_PARAMETERS + tuple(CHOICE_PARAMETERS)
 FIELDS = ["name", "kind", *SWEEPABLE, "metric", "score", "stderr", "count", "higher_is_better"]

@@ -207,10 +207,10 @@ def expert_names(models: Sequence[Any], reserved: Sequence[str] = ("comparison",
 def analyze_experts(base, experts: Sequence[Any], device: str = "cpu", quiet: bool = True,
                     trust_remote_code: bool = False) -> List[ExpertDelta]:
     """Stream every expert against ``base``; configs and headers are checked first."""
-    from mergekit_layerswap.checks import read_models, stored_tensors
-    from mergekit_layerswap.layer_map import LANGUAGE, SwapZones
-    from mergekit_layerswap.magnitude import stream_row_mavs
-    from mergekit_layerswap.recipe import Expert, SwapRecipe
+    from mergekit_layerswap.adapter.checks import read_models, stored_tensors
+    from mergekit_layerswap.core.layers import LANGUAGE, SwapZones
+    from mergekit_layerswap.adapter.magnitude import stream_row_mavs
+    from mergekit_layerswap.core.recipe import Expert, SwapRecipe
 
     # read_models checks one architecture and one layer count; roles play no part here
     recipe = SwapRecipe(experts=tuple(Expert(m, LANGUAGE) for m in experts), base_model=base,

@@ -23,7 +23,7 @@ from typing import List, Sequence
 import click
 import numpy as np
 
-from mergekit_layerswap.analysis import AUTO, AUTO_QUANTILE, ExpertDelta, Threshold
+from mergekit_layerswap.tools.analysis import AUTO, AUTO_QUANTILE, ExpertDelta, Threshold
 
 DPI = 100
 HEATMAP_SIZE = (6.4, 8.0)  # inches

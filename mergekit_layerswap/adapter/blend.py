@@ -12,8 +12,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from mergekit_layerswap.method import Members, active_roles, mix_roles, weighted_sum
-from mergekit_layerswap.recipe import BLEND_PREFIX, RecipeError, is_scalar
+from mergekit_layerswap.adapter.kernel import Members, active_roles, mix_roles, weighted_sum
+from mergekit_layerswap.core.recipe import BLEND_PREFIX, RecipeError, is_scalar
 
 
 def _blend_method(name: str):

@@ -21,9 +21,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import click
 
-from mergekit_layerswap.layer_map import SwapZones
-from mergekit_layerswap.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS, RecipeError
-from mergekit_layerswap.sweep_results import SWEEPABLE, ResultsFile, plot, write_best_recipe
+from mergekit_layerswap.core.layers import SwapZones
+from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS, RecipeError
+from mergekit_layerswap.tools.sweep_files import SWEEPABLE, ResultsFile, plot, write_best_recipe
 
 BASELINES = ("task-expert", "language-expert", "soup")
 
@@ -111,7 +111,7 @@ def fingerprint(tensors: Dict[str, Any]) -> Dict[str, str]:
 
 
 def experts_fit_in_memory(run, factor: float = 2.5) -> bool:
-    from mergekit_layerswap.checks import stored_tensors, tensor_bytes
+    from mergekit_layerswap.adapter.checks import stored_tensors, tensor_bytes
 
     need = sum(tensor_bytes(s, d) for m in run.recipe.models for s, d in stored_tensors(m).values())
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -126,9 +126,9 @@ def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], eval_spec: str, out_
     import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_layerswap.assemble import LoadedExperts, assemble
-    from mergekit_layerswap.explain import load_config
-    from mergekit_layerswap.planning import prepare, resolve_magnitudes
+    from mergekit_layerswap.tools.assemble import LoadedExperts, assemble
+    from mergekit_layerswap.tools.explain import load_config
+    from mergekit_layerswap.adapter.planner import prepare, resolve_magnitudes
 
     config = load_config(recipe_path)
     if config.merge_method != "layer_swap":

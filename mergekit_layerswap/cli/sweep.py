@@ -27,8 +27,8 @@ def sweep_command(recipe, more_grid, grid, eval_spec, out_dir, cuda, limit, num_
     """
     import torch
 
-    from mergekit_layerswap.evaluate import check_spec, evaluate
-    from mergekit_layerswap.sweep import parse_grid, run_sweep
+    from mergekit_layerswap.tools.evaluate import check_spec, evaluate
+    from mergekit_layerswap.tools.sweep import parse_grid, run_sweep
 
     if cuda and not torch.cuda.is_available():
         raise click.BadParameter("no CUDA device is available; drop --cuda", param_hint="--cuda")

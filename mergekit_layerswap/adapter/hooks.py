@@ -18,10 +18,10 @@ import sys
 
 # module name -> "package.module:function" called with the freshly executed module
 WATCHED = {
-    "mergekit.merge_methods.registry": "mergekit_layerswap.registration:on_registry",
-    "mergekit.plan": "mergekit_layerswap.planning:on_plan",
-    "mergekit.merge": "mergekit_layerswap.planning:on_merge",
-    "mergekit.scripts.multimerge": "mergekit_layerswap.planning:on_multimerge",
+    "mergekit.merge_methods.registry": "mergekit_layerswap.adapter.registration:on_registry",
+    "mergekit.plan": "mergekit_layerswap.adapter.planner:on_plan",
+    "mergekit.merge": "mergekit_layerswap.adapter.planner:on_merge",
+    "mergekit.scripts.multimerge": "mergekit_layerswap.adapter.planner:on_multimerge",
 }
 
 

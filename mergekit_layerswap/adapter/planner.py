@@ -38,9 +38,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from mergekit_layerswap._hooks import wrap
-from mergekit_layerswap.layer_map import role_shares
-from mergekit_layerswap.method import METHOD_NAME
+from mergekit_layerswap.adapter.hooks import wrap
+from mergekit_layerswap.core.layers import role_shares
+from mergekit_layerswap.adapter.kernel import METHOD_NAME
 
 LOG = logging.getLogger(__name__)
 VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
@@ -72,8 +72,8 @@ def is_layer_swap(config) -> bool:
 
 def prepare(config, trust_remote_code: bool = False) -> SwapRun:
     """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
-    from mergekit_layerswap.checks import read_models
-    from mergekit_layerswap.recipe import parse_recipe
+    from mergekit_layerswap.adapter.checks import read_models
+    from mergekit_layerswap.core.recipe import parse_recipe
 
     recipe = parse_recipe(config)
     run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code))
@@ -91,7 +91,7 @@ def read_all() -> bool:
 
 
 def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) -> None:
-    from mergekit_layerswap.magnitude import magnitude
+    from mergekit_layerswap.adapter.magnitude import magnitude
 
     if run.recipe.weighting != "magnitude":
         return
@@ -129,7 +129,7 @@ def _normalize_config(original):
     def normalize_config(self):
         if not is_layer_swap(self.config):
             return original(self)
-        from mergekit_layerswap.checks import check_tensors
+        from mergekit_layerswap.adapter.checks import check_tensors
 
         run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
@@ -260,7 +260,7 @@ def _layer_swap_card(original):
         run = run_for(config) if is_layer_swap(config) else None
         if run is None:
             return original(config, config_yaml, name=name)
-        from mergekit_layerswap.card import layer_swap_card
+        from mergekit_layerswap.adapter.card import layer_swap_card
 
         return layer_swap_card(run, config_yaml, name=name)
 
@@ -284,7 +284,7 @@ def on_multimerge(multimerge_module) -> None:
 
 def _checking_stages(original):
     def load_config(*args, **kwargs):
-        from mergekit_layerswap.recipe import parse_recipe
+        from mergekit_layerswap.core.recipe import parse_recipe
 
         merge_configs, dependencies = original(*args, **kwargs)
         for config in merge_configs.values():

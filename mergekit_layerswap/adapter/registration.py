@@ -11,12 +11,12 @@ import sys
 
 
 def on_registry(registry_module) -> None:
-    method_module = sys.modules.get("mergekit_layerswap.method")
+    method_module = sys.modules.get("mergekit_layerswap.adapter.kernel")
     if method_module is not None and not hasattr(method_module, "layer_swap"):
         # method.py itself is importing mergekit (it was imported first): it
         # registers the method at its end, once the kernel is defined
         return
-    from mergekit_layerswap.method import layer_swap
+    from mergekit_layerswap.adapter.kernel import layer_swap
 
     names = {m.spec.name for m in registry_module.registered_methods()}
     if layer_swap.spec.name not in names:
@@ -29,6 +29,6 @@ def ensure_registered():
 
     registry_module = sys.modules["mergekit.merge_methods.registry"]
     on_registry(registry_module)
-    from mergekit_layerswap.method import METHOD_NAME
+    from mergekit_layerswap.adapter.kernel import METHOD_NAME
 
     return registry_module.get(METHOD_NAME)

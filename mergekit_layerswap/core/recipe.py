@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from mergekit_layerswap.layer_map import (
+from mergekit_layerswap.core.layers import (
     LANGUAGE,
     NON_LAYER_POLICIES,
     ROLES,
@@ -75,7 +75,7 @@ class SwapRecipe:
 
     @property
     def blend_needs_base(self) -> bool:
-        from mergekit_layerswap.blend import blend_uses_base
+        from mergekit_layerswap.adapter.blend import blend_uses_base
 
         return self.blend_method != "average" and blend_uses_base(self.blend_method)
 
@@ -240,7 +240,7 @@ def parse_recipe(config) -> SwapRecipe:
             "weighting: magnitude needs base_model (the model both experts were fine-tuned "
             "from); add `base_model:` or use `weighting: uniform`"
         )
-    from mergekit_layerswap.blend import check_blend
+    from mergekit_layerswap.adapter.blend import check_blend
 
     blend_options = check_blend(shared["blend_method"], blend_settings, base)
     return SwapRecipe(

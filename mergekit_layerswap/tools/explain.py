@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 import click
 import yaml
 
-from mergekit_layerswap.layer_map import BLEND, ROLES, layer_source, role_shares
-from mergekit_layerswap.recipe import RecipeError
+from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
+from mergekit_layerswap.core.recipe import RecipeError
 
 
 def load_config(path: str):
@@ -40,7 +40,7 @@ def _is_local(model) -> bool:
 def _load_cached_magnitudes(run) -> None:
     """Fill ``run.magnitudes`` from the cache, for local models only: looking up a hub
     model's cache key would download it, and explain reads nothing but configs."""
-    from mergekit_layerswap.magnitude import cached_magnitude
+    from mergekit_layerswap.adapter.magnitude import cached_magnitude
 
     base = run.recipe.base_model
     if run.recipe.weighting != "magnitude" or not _is_local(base):
@@ -56,7 +56,7 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
     """Bytes of stored tensors the merge reads from each model (None: not local).
     Expects ``_load_cached_magnitudes`` to have run: an uncached statistic means the
     magnitude pass reads the whole expert and the whole base."""
-    from mergekit_layerswap.checks import stored_tensors, tensor_bytes
+    from mergekit_layerswap.adapter.checks import stored_tensors, tensor_bytes
 
     recipe, info = run.recipe, run.info
     magnitude_pass = recipe.weighting == "magnitude"
@@ -103,8 +103,8 @@ def _role_weights(run) -> Dict[str, Any]:
 
 
 def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
-    from mergekit_layerswap.method import METHOD_NAME
-    from mergekit_layerswap.planning import prepare
+    from mergekit_layerswap.adapter.kernel import METHOD_NAME
+    from mergekit_layerswap.adapter.planner import prepare
 
     config = load_config(path)
     if config.merge_method != METHOD_NAME:

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_layerswap.checks import find_stored
+from mergekit_layerswap.adapter.checks import find_stored
 
 BASE_ID = "__base__"
 
@@ -80,7 +80,7 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
     with ``dataclasses.replace(run.recipe, ...)`` between calls)."""
     from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
 
-    from mergekit_layerswap.registration import ensure_registered
+    from mergekit_layerswap.adapter.registration import ensure_registered
 
     method = ensure_registered()
     recipe, info = run.recipe, run.info

@@ -13,11 +13,11 @@ import click
 
 # subcommand -> "module:click command"
 COMMANDS = {
-    "explain": "mergekit_layerswap.explain:explain_command",
-    "analyze": "mergekit_layerswap.analysis_cli:analyze_command",
-    "suggest": "mergekit_layerswap.analysis_cli:suggest_command",
-    "demo": "mergekit_layerswap.demo.cli:demo_command",
-    "sweep": "mergekit_layerswap.sweep_cli:sweep_command",
+    "explain": "mergekit_layerswap.tools.explain:explain_command",
+    "analyze": "mergekit_layerswap.cli.analyze:analyze_command",
+    "suggest": "mergekit_layerswap.cli.analyze:suggest_command",
+    "demo": "mergekit_layerswap.cli.demo:demo_command",
+    "sweep": "mergekit_layerswap.cli.sweep:sweep_command",
 }
 HELP = {
     "explain": "Dry run: validate a recipe and show where every layer comes from.",

@@ -24,7 +24,7 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.merge_methods.easy_define import merge_method
 
-from mergekit_layerswap.layer_map import ROLES, SwapZones, role_shares
+from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
 
 METHOD_NAME = "layer_swap"
 PAPER_URL = "https://arxiv.org/abs/2410.01335"
@@ -67,7 +67,7 @@ def layer_swap(
         members[role[entry.id]].append((entry.tensor, w))
     if blend_method == "average":
         return mix_roles(members, shares, name=group.metadata.name)
-    from mergekit_layerswap.blend import blend_roles
+    from mergekit_layerswap.adapter.blend import blend_roles
 
     base = group.base.tensor if group.base is not None else None
     return blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
@@ -122,7 +122,7 @@ def _register_if_registry_loaded() -> None:
 
     registry = sys.modules.get("mergekit.merge_methods.registry")
     if registry is not None and hasattr(registry, "registered_methods"):
-        from mergekit_layerswap.registration import on_registry
+        from mergekit_layerswap.adapter.registration import on_registry
 
         on_registry(registry)
 
