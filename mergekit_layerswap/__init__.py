@@ -1,21 +1,20 @@
 """mergekit-layerswap: layer swapping (Bandarkar et al., ICLR 2025) as a mergekit merge method.
 
-Importing this package is cheap: it installs an import hook that registers the
-``layer_swap`` method the moment mergekit's registry is imported, and applies the
-planner adapter when mergekit's planner loads. The installed ``.pth`` file does this
-at interpreter start, so plain ``mergekit-yaml`` finds the method.
+Importing this package is cheap: ``adapter.registration.install()`` sets up an import
+hook that registers ``layer_swap`` the moment mergekit's registry is imported and
+applies the planner adapter when mergekit's planner loads. The installed ``.pth`` file
+imports this package at interpreter start, so plain ``mergekit-yaml`` finds the method.
 """
 
 __version__ = "0.1.0"
+__all__ = ["layer_swap", "__version__"]
 
-from mergekit_layerswap.adapter import hooks as _hooks
+from mergekit_layerswap.adapter import registration
 
-_hooks.install()
+registration.install()
 
 
 def __getattr__(name):
     if name == "layer_swap":
-        from mergekit_layerswap.adapter.registration import ensure_registered
-
-        return ensure_registered()
+        return registration.ensure_registered()
     raise AttributeError(name)

@@ -1,1 +1,1 @@
-"""adapter"""
+"""Everything that touches mergekit: the kernel, blends, registration and the planner adapter."""

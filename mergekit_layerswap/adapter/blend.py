@@ -13,7 +13,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from mergekit_layerswap.adapter.kernel import Members, active_roles, mix_roles, weighted_sum
-from mergekit_layerswap.core.recipe import BLEND_PREFIX, RecipeError, is_scalar
+from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.recipe import BLEND_PREFIX, is_scalar
 
 
 def _blend_method(name: str):
@@ -21,10 +23,10 @@ def _blend_method(name: str):
 
     registry = sys.modules["mergekit.merge_methods.registry"]
     known = sorted(m.spec.name for m in registry.registered_methods())
-    if name not in known or name == "layer_swap":
+    if name not in known or name == METHOD_NAME:
         raise RecipeError(
             f"parameters.blend_method {name!r} is not a registered mergekit method usable for blends; "
-            f"use average (the paper's weighted average) or one of: {', '.join(n for n in known if n != 'layer_swap')}"
+            f"use average (the paper's weighted average) or one of: {', '.join(n for n in known if n != METHOD_NAME)}"
         )
     return registry.get(name)
 

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import yaml
 
 from mergekit_layerswap.core.layers import BLEND, LANGUAGE, layer_table, transition_depth
-from mergekit_layerswap.adapter.kernel import PAPER_URL
+from mergekit_layerswap.core import PAPER_URL
 
 CARD = """---
 {metadata}

@@ -13,7 +13,8 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from mergekit_layerswap.core.recipe import RecipeError, SwapRecipe, check_zone_fit
+from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.recipe import SwapRecipe, check_zone_fit
 
 # config keys whose value > 1 marks a mixture-of-experts model
 _MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

@@ -1,11 +1,8 @@
 """Run a callback right after a named module is first imported (standard library only).
 
-mergekit 0.1.5 has a method registry but no plugin entry point. The installed
-``mergekit_layerswap.pth`` imports this package at interpreter start; the package
-installs one ``sys.meta_path`` finder that waits for mergekit's registry, planner
-and merge modules and hands each, once executed, to a function in this package.
-Nothing here imports torch or mergekit, and nothing happens if mergekit is never
-imported (or not installed at all).
+One ``sys.meta_path`` finder waits for the modules named in ``registration.WATCHED``
+and hands each, once executed, to its function. Nothing here imports torch or
+mergekit, and nothing happens if mergekit is never imported (or not installed).
 """
 
 from __future__ import annotations
@@ -16,18 +13,12 @@ import sys
 # (no ``importlib.abc`` and no ``typing``: in Python 3.11 importing importlib.abc alone
 # pulls in importlib.resources, pathlib, tempfile and more, ~18 ms at every start)
 
-# module name -> "package.module:function" called with the freshly executed module
-WATCHED = {
-    "mergekit.merge_methods.registry": "mergekit_layerswap.adapter.registration:on_registry",
-    "mergekit.plan": "mergekit_layerswap.adapter.planner:on_plan",
-    "mergekit.merge": "mergekit_layerswap.adapter.planner:on_merge",
-    "mergekit.scripts.multimerge": "mergekit_layerswap.adapter.planner:on_multimerge",
-}
 
-
-def _call(target: str, module) -> None:
-    module_name, _, function = target.partition(":")
-    getattr(importlib.import_module(module_name), function)(module)
+def _call(targets, module) -> None:
+    """Call each "package.module:function" in ``targets`` (one string or a tuple)."""
+    for target in (targets,) if isinstance(targets, str) else targets:
+        module_name, _, function = target.partition(":")
+        getattr(importlib.import_module(module_name), function)(module)
 
 
 class _NotifyingLoader:
@@ -71,10 +62,13 @@ class _PostImportFinder:
 
 
 _installed = []
+WATCHED = {}  # filled by install()
 
 
-def install() -> None:
-    """Install the finder once; handle modules that were imported before it."""
+def install(watched) -> None:
+    """Install the finder once for ``watched`` (module name -> "module:function");
+    handle modules that were imported before it."""
+    WATCHED.update(watched)
     if not _installed:
         finder = _PostImportFinder()
         sys.meta_path.insert(0, finder)

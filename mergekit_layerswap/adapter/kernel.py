@@ -24,10 +24,9 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.merge_methods.easy_define import merge_method
 
+from mergekit_layerswap.core import METHOD_NAME, PAPER_URL
 from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
 
-METHOD_NAME = "layer_swap"
-PAPER_URL = "https://arxiv.org/abs/2410.01335"
 
 Role = Literal["task", "language"]
 
@@ -115,16 +114,3 @@ def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = 
         terms += [(tensor, coefficient * w / soup_weight) for tensor, w in members[r]]
         denominator += coefficient
     return weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)
-
-
-def _register_if_registry_loaded() -> None:
-    import sys
-
-    registry = sys.modules.get("mergekit.merge_methods.registry")
-    if registry is not None and hasattr(registry, "registered_methods"):
-        from mergekit_layerswap.adapter.registration import on_registry
-
-        on_registry(registry)
-
-
-_register_if_registry_loaded()

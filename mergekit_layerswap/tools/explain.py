@@ -12,25 +12,11 @@ import json
 import os
 from typing import Any, Dict, List, Optional
 
-import click
 import yaml
 
 from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
-from mergekit_layerswap.core.recipe import RecipeError
-
-
-def load_config(path: str):
-    from mergekit.config import MergeConfiguration
-
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-        return MergeConfiguration.model_validate(data)
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file {path} does not exist") from None
-    except Exception as error:  # YAML or mergekit schema error
-        text = " ".join(str(error).split())
-        raise RecipeError(f"{path} is not a valid mergekit recipe: {text[:300]}") from None
+from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.tools.recipe_file import load_config
 
 
 def _is_local(model) -> bool:
@@ -103,7 +89,7 @@ def _role_weights(run) -> Dict[str, Any]:
 
 
 def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
-    from mergekit_layerswap.adapter.kernel import METHOD_NAME
+    from mergekit_layerswap.core import METHOD_NAME
     from mergekit_layerswap.adapter.planner import prepare
 
     config = load_config(path)
@@ -190,13 +176,3 @@ def render_text(report: Dict[str, Any]) -> str:
     for model, n in report["bytes_to_read"].items():
         lines.append(f"    {model}: {_human(n)}")
     return "\n".join(lines)
-
-
-@click.command("explain")
-@click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
-@click.option("--trust-remote-code", is_flag=True, help="Allow custom code in model configs.")
-def explain_command(recipe: str, fmt: str, trust_remote_code: bool):
-    """Validate RECIPE as a merge would and show where every layer comes from (reads no tensors)."""
-    report = explain(recipe, trust_remote_code=trust_remote_code)
-    click.echo(json.dumps(report, indent=2) if fmt == "json" else render_text(report))

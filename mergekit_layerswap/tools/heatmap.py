@@ -20,9 +20,9 @@ import math
 import os
 from typing import List, Sequence
 
-import click
 import numpy as np
 
+from mergekit_layerswap.core.errors import LayerSwapError
 from mergekit_layerswap.tools.analysis import AUTO, AUTO_QUANTILE, ExpertDelta, Threshold
 
 DPI = 100
@@ -39,7 +39,7 @@ def require_matplotlib() -> None:
         import matplotlib  # noqa: F401
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     except ImportError:
-        raise click.ClickException(f"the figures need matplotlib; {INSTALL_HINT}") from None
+        raise LayerSwapError(f"the figures need matplotlib; {INSTALL_HINT}") from None
 
 
 def _figure(size):

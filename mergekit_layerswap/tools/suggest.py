@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mergekit_layerswap.core.layers import SwapZones
+from mergekit_layerswap.core import METHOD_NAME
 
 CLOSE_FACTOR = 1.5
 PAPER_RANGES: Dict[str, Tuple[int, int]] = {
@@ -149,7 +150,7 @@ def _model_text(model: Any) -> str:
 def recipe(task: Any, language: Any, base: Any, zones: SwapZones) -> Dict[str, Any]:
     """A ready-to-run layer_swap recipe (a mergekit config) with these zones."""
     return {
-        "merge_method": "layer_swap",
+        "merge_method": METHOD_NAME,
         "base_model": _model_text(base),
         "models": [
             {"model": _model_text(task), "parameters": {"role": "task"}},

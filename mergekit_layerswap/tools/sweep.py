@@ -19,11 +19,11 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-import click
-
 from mergekit_layerswap.core.layers import SwapZones
-from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS, RecipeError
+from mergekit_layerswap.core.errors import OptionError, RecipeError
+from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS
 from mergekit_layerswap.tools.sweep_files import SWEEPABLE, ResultsFile, plot, write_best_recipe
+from mergekit_layerswap.core import METHOD_NAME
 
 BASELINES = ("task-expert", "language-expert", "soup")
 
@@ -40,23 +40,22 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
     for item in items:
         name, sep, values = item.partition("=")
         if not sep or not values:
-            raise click.BadParameter(f"{item!r}: write NAME=V1,V2,... e.g. bottom_layers=3,4,5", param_hint="--grid")
+            raise OptionError(f"{item!r}: write NAME=V1,V2,... e.g. bottom_layers=3,4,5", "--grid")
         if name not in SWEEPABLE:
-            raise click.BadParameter(f"{name!r} cannot be swept; use one of {', '.join(SWEEPABLE)}", param_hint="--grid")
+            raise OptionError(f"{name!r} cannot be swept; use one of {', '.join(SWEEPABLE)}", "--grid")
         parsed = []
         for value in values.split(","):
             if name in ZONE_PARAMETERS:
                 if not value.strip().isdigit():
-                    raise click.BadParameter(f"{name}={values}: zone sizes are whole numbers >= 0", param_hint="--grid")
+                    raise OptionError(f"{name}={values}: zone sizes are whole numbers >= 0", "--grid")
                 parsed.append(int(value))
             elif value not in CHOICE_PARAMETERS[name]:
-                raise click.BadParameter(f"{name}={value}: use one of {', '.join(CHOICE_PARAMETERS[name])}",
-                                         param_hint="--grid")
+                raise OptionError(f"{name}={value}: use one of {', '.join(CHOICE_PARAMETERS[name])}", "--grid")
             else:
                 parsed.append(value)
         grid[name] = parsed
     if not grid:
-        raise click.BadParameter("give at least one NAME=V1,V2,...", param_hint="--grid")
+        raise OptionError("give at least one NAME=V1,V2,...", "--grid")
     return grid
 
 
@@ -127,11 +126,11 @@ def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], eval_spec: str, out_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mergekit_layerswap.tools.assemble import LoadedExperts, assemble
-    from mergekit_layerswap.tools.explain import load_config
+    from mergekit_layerswap.tools.recipe_file import load_config
     from mergekit_layerswap.adapter.planner import prepare, resolve_magnitudes
 
     config = load_config(recipe_path)
-    if config.merge_method != "layer_swap":
+    if config.merge_method != METHOD_NAME:
         raise RecipeError(f"{recipe_path} uses merge_method {config.merge_method!r}; sweep takes a layer_swap recipe")
     run = prepare(config)
     resolve_magnitudes(run, device=device, quiet=quiet)
@@ -196,7 +195,7 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
 
     recipe = run.recipe
     data = {
-        "merge_method": "layer_swap",
+        "merge_method": METHOD_NAME,
         "models": [{"model": str(e.model), "parameters": {"role": e.role, "weight": e.weight}} for e in recipe.experts],
         "parameters": {**dataclasses.asdict(recipe.zones), "weighting": recipe.weighting,
                        "non_layer": recipe.non_layer, "transition_shape": recipe.transition_shape,

@@ -9,9 +9,9 @@ import json
 import os
 from typing import Any, Dict, Optional
 
-import click
 import yaml
 
+from mergekit_layerswap.core.errors import OptionError
 from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS
 
 SWEEPABLE = ZONE_PARAMETERS + tuple(CHOICE_PARAMETERS)
@@ -29,7 +29,7 @@ class ResultsFile:
             with open(settings_path, encoding="utf-8") as handle:
                 previous = json.load(handle)
             if previous != settings:
-                raise click.UsageError(f"{out_dir} holds results of a different sweep; use a new --out directory")
+                raise OptionError(f"{out_dir} holds results of a different sweep; use a new --out directory", "--out")
         else:
             with open(settings_path, "w", encoding="utf-8") as handle:
                 json.dump(settings, handle, indent=2, sort_keys=True)
