@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from checkpoints import ARCHS, load_tensors, make_model
-from conftest import run_yaml_inprocess
+from helpers import run_yaml_inprocess
 
 LLAMA = ARCHS["llama"]  # 8 decoder layers
 K_BOTTOM, M_TOP = 3, 1

@@ -8,25 +8,10 @@ import torch
 from click.testing import CliRunner
 
 from checkpoints import load_tensors, make_model
-from conftest import run_yaml_inprocess, swap_recipe, write_recipe
+from helpers import merge, refused, run_yaml_inprocess, swap_recipe, write_recipe
 from expectations import check_swap
 
 
-def merge(tmp_path, recipe, *options):
-    path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    result = run_yaml_inprocess(path, tmp_path / "out", *options)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return str(tmp_path / "out")
-
-
-def refused(tmp_path, recipe, *words):
-    path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    result = run_yaml_inprocess(path, tmp_path / "out")
-    message = result.output.strip()
-    assert result.exit_code != 0 and message.startswith("Error: ") and "\n" not in message, message
-    for word in words:
-        assert word in message, message
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

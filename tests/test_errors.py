@@ -5,20 +5,8 @@ import os
 import pytest
 
 from checkpoints import ARCHS, Arch, make_model
-from conftest import run_yaml_inprocess, run_yaml_subprocess, swap_recipe, write_recipe
+from helpers import refused, run_yaml_inprocess, run_yaml_subprocess, swap_recipe, write_recipe
 
-
-def refused(tmp_path, recipe, *expected_words):
-    path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    out = tmp_path / "out"
-    result = run_yaml_inprocess(path, out)
-    message = result.output.strip()
-    assert result.exit_code != 0, message
-    assert message.startswith("Error: ") and "\n" not in message, message
-    for word in expected_words:
-        assert word in message, f"{word!r} not in {message!r}"
-    assert not out.exists(), "a refused recipe left an output directory"
-    return message
 
 
 def experts(fam, task_params=None, lang_params=None):

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from checkpoints import load_tensors
-from conftest import swap_recipe, write_recipe
+from helpers import swap_recipe, write_recipe
 
 
 def explain(*args):
@@ -63,7 +63,7 @@ def test_bad_recipe_is_refused_like_a_merge(families, tmp_path):
 
 
 def test_magnitude_mix_and_bytes_before_and_after_the_statistics_are_cached(families, tmp_path, monkeypatch):
-    from conftest import run_yaml_inprocess
+    from helpers import run_yaml_inprocess
     from expectations import row_mav_mean
 
     monkeypatch.setenv("MERGEKIT_LAYERSWAP_CACHE", str(tmp_path / "cache"))

@@ -7,20 +7,13 @@ import pytest
 import torch
 
 from checkpoints import load_tensors
-from conftest import run_yaml_inprocess, swap_recipe, write_recipe
+from helpers import Family, merge, run_yaml_inprocess, swap_recipe, write_recipe
 from expectations import check_swap, row_mav_mean
 
 # expected layer sources, written out by hand: b=2, u=1, t_b=1, t_u=1
 ZONED = dict(bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1)
 ZONED_SOURCES = {8: "LLBTTTBL", 6: "LLBTBL"}
 
-
-def merge(tmp_path, recipe, *options):
-    path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    out = tmp_path / "out"
-    result = run_yaml_inprocess(path, out, *options)
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return str(out)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gpt2", "phi3"])
@@ -141,13 +134,11 @@ def test_chat_template_option_overrides(families, tmp_path):
 
 def test_bfloat16_checkpoints(tmp_path, families):
     from checkpoints import ARCHS, make_model
-    from conftest import Family
 
-    fam = Family.__new__(Family)
-    fam.arch = ARCHS["mistral"]
-    fam.base = families("mistral").base
-    fam.task = make_model(fam.arch, str(tmp_path / "task16"), 4, base_path=fam.base, dtype=torch.bfloat16)
-    fam.lang = make_model(fam.arch, str(tmp_path / "lang16"), 5, base_path=fam.base, dtype=torch.bfloat16)
+    arch, base = ARCHS["mistral"], families("mistral").base
+    fam = Family(arch=arch, base=base,
+                 task=make_model(arch, str(tmp_path / "task16"), 4, base_path=base, dtype=torch.bfloat16),
+                 lang=make_model(arch, str(tmp_path / "lang16"), 5, base_path=base, dtype=torch.bfloat16))
     recipe = swap_recipe(fam, **ZONED)
     recipe["dtype"] = "bfloat16"
     out = merge(tmp_path, recipe)
@@ -172,13 +163,11 @@ def test_out_dtype_casts_swapped_tensors_once(families, tmp_path):
 
 def test_sharded_inputs_and_outputs(tmp_path, families):
     from checkpoints import ARCHS, make_model
-    from conftest import Family
 
-    fam = Family.__new__(Family)
-    fam.arch = ARCHS["llama"]
-    fam.base = families("llama").base
-    fam.task = make_model(fam.arch, str(tmp_path / "task"), 6, base_path=fam.base, max_shard_size="40KB")
-    fam.lang = make_model(fam.arch, str(tmp_path / "lang"), 7, base_path=fam.base, max_shard_size="40KB")
+    arch, base = ARCHS["llama"], families("llama").base
+    fam = Family(arch=arch, base=base,
+                 task=make_model(arch, str(tmp_path / "task"), 6, base_path=base, max_shard_size="40KB"),
+                 lang=make_model(arch, str(tmp_path / "lang"), 7, base_path=base, max_shard_size="40KB"))
     assert os.path.exists(os.path.join(fam.task, "model.safetensors.index.json"))
     out = merge(tmp_path, swap_recipe(fam, **ZONED), "--out-shard-size", "20K")
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 2
@@ -209,13 +198,9 @@ def _as_pickled(src, dst):
 
 
 def test_pickled_inputs_with_lazy_unpickle(families, tmp_path):
-    from conftest import Family
-
     src = families("llama")
-    fam = Family.__new__(Family)
-    fam.arch, fam.base = src.arch, src.base
-    fam.task = _as_pickled(src.task, tmp_path / "task")
-    fam.lang = _as_pickled(src.lang, tmp_path / "lang")
+    fam = Family(arch=src.arch, base=src.base, task=_as_pickled(src.task, tmp_path / "task"),
+                 lang=_as_pickled(src.lang, tmp_path / "lang"))
     out = merge(tmp_path, swap_recipe(fam, **ZONED), "--lazy-unpickle")
     check_swap(out, src, ZONED_SOURCES[8])
 

@@ -9,7 +9,7 @@ from importlib.metadata import version
 import torch
 
 from checkpoints import load_tensors
-from conftest import swap_recipe
+from helpers import swap_recipe
 
 
 def test_mergekit_version_is_a_verified_one():

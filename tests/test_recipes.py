@@ -274,7 +274,7 @@ def test_magnitude_soup_recipe_merges_like_linear_with_inverse_m(families, tmp_p
     from mergekit.common import ModelReference
 
     from checkpoints import load_tensors
-    from conftest import run_yaml_inprocess, write_recipe
+    from helpers import run_yaml_inprocess, write_recipe
     from mergekit_layerswap.adapter.magnitude import magnitude
 
     family = families("llama")

@@ -5,7 +5,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import write_recipe
+from helpers import write_recipe
 from expectations import check_swap
 
 

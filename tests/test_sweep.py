@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from checkpoints import load_tensors
-from conftest import run_yaml_inprocess, swap_recipe, write_recipe
+from helpers import run_yaml_inprocess, swap_recipe, write_recipe
 
 GRID = {"bottom_layers": [1, 2], "top_layers": [0, 1], "bottom_transition": [0, 1]}
 
