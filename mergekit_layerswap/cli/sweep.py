@@ -27,7 +27,7 @@ def sweep_command(recipe, more_grid, grid, eval_spec, out_dir, cuda, limit, num_
     """
     import torch
 
-    from mergekit_layerswap.tools.evaluate import check_spec, evaluate
+    from mergekit_layerswap.tools.evaluate import Evaluator, check_spec
     from mergekit_layerswap.tools.sweep import parse_grid, run_sweep
 
     if cuda and not torch.cuda.is_available():
@@ -36,7 +36,7 @@ def sweep_command(recipe, more_grid, grid, eval_spec, out_dir, cuda, limit, num_
     check_spec(eval_spec)
     summary = run_sweep(
         recipe, grid_values, eval_spec, out_dir,
-        evaluate=lambda model, tokenizer: evaluate(eval_spec, model, tokenizer, limit=limit, num_fewshot=num_fewshot),
+        evaluate=Evaluator(eval_spec, limit=limit, num_fewshot=num_fewshot),
         device="cuda" if cuda else "cpu", baselines=baselines, echo=click.echo, quiet=quiet,
     )
     best = summary["best"]

@@ -13,6 +13,7 @@ An evaluator spec is ``KIND:ARGUMENT``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -148,3 +149,24 @@ def evaluate(spec: str, model, tokenizer, limit: Optional[int] = None, num_fewsh
     if kind == "perplexity":
         return perplexity(model, tokenizer, argument, limit=limit)
     return lm_eval_task(model, tokenizer, argument, limit=limit, num_fewshot=num_fewshot)
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """An evaluator spec and its options: picklable, so a sweep worker process (or a Ray
+    actor) can rebuild it, and comparable, so a resumed sweep can tell a changed one."""
+
+    spec: str
+    limit: Optional[int] = None
+    num_fewshot: int = 8
+
+    def __call__(self, model, tokenizer) -> Score:
+        return evaluate(self.spec, model, tokenizer, limit=self.limit, num_fewshot=self.num_fewshot)
+
+    def with_limit(self, limit: Optional[int]) -> "Evaluator":
+        """The same evaluator on the first ``limit`` items (successive halving's rungs)."""
+        return dataclasses.replace(self, limit=limit)
+
+    def settings(self) -> Dict[str, Any]:
+        """What a result depends on, for a sweep's resume check."""
+        return dataclasses.asdict(self)
