@@ -18,7 +18,7 @@ from mergekit.merge_methods.base import BasePolicy
 
 from mergekit_layerswap.core.layers import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares
 from mergekit_layerswap.adapter.planner import prepare
-from mergekit_layerswap.core.recipe import DEFAULTS, ZONE_PARAMETERS
+from mergekit_layerswap.core.parameters import DEFAULTS, ZONE_PARAMETERS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEMO = "demo_swh_math.yaml"  # local paths built by the demo: parsed only

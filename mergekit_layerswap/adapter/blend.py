@@ -31,21 +31,9 @@ def _blend_method(name: str):
     return registry.get(name)
 
 
-def blend_uses_base(name: str) -> bool:
-    from mergekit.merge_methods.base import BasePolicy
-
-    return _blend_method(name).spec.contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
-
-
-def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[str, Any], ...]:
-    """Check ``blend_method`` and its ``blend_<parameter>`` settings; return the options."""
-    if name == "average":
-        if settings:
-            raise RecipeError(
-                f"parameters.{next(iter(settings))} only applies with a blend_method other than average; "
-                f"remove it or set blend_method"
-            )
-        return ()
+def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[Tuple[str, Any], ...], bool]:
+    """Check a ``blend_method`` other than average and its ``blend_<parameter>`` settings
+    against mergekit's registry; return the options and whether the method reads the base."""
     from mergekit.merge_methods.base import BasePolicy
 
     method = _blend_method(name)
@@ -77,7 +65,7 @@ def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[str, A
             options.append((inner, accepted[inner].validate(value)))
         except Exception:
             raise RecipeError(f"parameters.{key}: {value!r} is not a valid {inner} for {name}") from None
-    return tuple(sorted(options))
+    return tuple(sorted(options)), contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
 
 
 def blend_roles(members: Members, shares: Dict[str, float], method_name: str, options: Dict[str, Any],

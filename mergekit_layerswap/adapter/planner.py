@@ -70,12 +70,19 @@ def is_layer_swap(config) -> bool:
     return getattr(config, "merge_method", None) == METHOD_NAME
 
 
+def parse(config):
+    """``core.recipe.parse_recipe`` with ``blend_method`` checked against mergekit's registry."""
+    from mergekit_layerswap.adapter.blend import check_blend
+    from mergekit_layerswap.core.recipe import parse_recipe
+
+    return parse_recipe(config, check_blend)
+
+
 def prepare(config, trust_remote_code: bool = False) -> SwapRun:
     """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
     from mergekit_layerswap.adapter.checks import read_models
-    from mergekit_layerswap.core.recipe import parse_recipe
 
-    recipe = parse_recipe(config)
+    recipe = parse(config)
     run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code))
     _RUNS[id(config)] = (config, run)
     return run
@@ -284,12 +291,10 @@ def on_multimerge(multimerge_module) -> None:
 
 def _checking_stages(original):
     def load_config(*args, **kwargs):
-        from mergekit_layerswap.core.recipe import parse_recipe
-
         merge_configs, dependencies = original(*args, **kwargs)
         for config in merge_configs.values():
             if is_layer_swap(config):
-                parse_recipe(config)
+                parse(config)
         return merge_configs, dependencies
 
     return load_config

@@ -20,24 +20,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from mergekit_layerswap.core.parameters import DEFAULTS
+
 LANGUAGE = "language"
 TASK = "task"
 BLEND = "blend"
 ROLES = (TASK, LANGUAGE)
-
-WEIGHTINGS = ("uniform", "magnitude")
-NON_LAYER_POLICIES = ("average", LANGUAGE, TASK)
-TRANSITION_SHAPES = ("flat", "linear")
 
 
 @dataclass(frozen=True)
 class SwapZones:
     """Zone sizes of a swap, in layers."""
 
-    bottom_layers: int = 5
-    top_layers: int = 2
-    bottom_transition: int = 0
-    top_transition: int = 0
+    bottom_layers: int = DEFAULTS["bottom_layers"]
+    top_layers: int = DEFAULTS["top_layers"]
+    bottom_transition: int = DEFAULTS["bottom_transition"]
+    top_transition: int = DEFAULTS["top_transition"]
 
     @property
     def total(self) -> int:
@@ -96,11 +94,6 @@ def role_shares(
         task_share = j / (t + 1)
         return {TASK: task_share, LANGUAGE: 1.0 - task_share}
     raise ValueError(f"unknown transition_shape {transition_shape!r}")
-
-
-def needed_roles(shares: Dict[str, float]) -> tuple[str, ...]:
-    """Roles whose tensors must be read for a tensor with these shares."""
-    return tuple(role for role in ROLES if shares.get(role, 0.0) > 0.0)
 
 
 def layer_table(num_layers: int, zones: SwapZones) -> list[tuple[int, str]]:

@@ -8,39 +8,23 @@ Checks that need model configs or tensor headers live in ``checks.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import (
-    LANGUAGE,
-    NON_LAYER_POLICIES,
-    ROLES,
-    TASK,
-    TRANSITION_SHAPES,
-    WEIGHTINGS,
-    SwapZones,
+from mergekit_layerswap.core.layers import LANGUAGE, ROLES, TASK, SwapZones
+from mergekit_layerswap.core.parameters import (
+    BLEND_PREFIX,
+    CHOICE_PARAMETERS,
+    DEFAULTS,
+    PER_MODEL_PARAMETERS,
+    PLANNER_PARAMETERS,
+    SHARED_PARAMETERS,
+    ZONE_PARAMETERS,
 )
 
-ZONE_PARAMETERS = ("bottom_layers", "top_layers", "bottom_transition", "top_transition")
-CHOICE_PARAMETERS = {
-    "weighting": WEIGHTINGS,
-    "non_layer": NON_LAYER_POLICIES,
-    "transition_shape": TRANSITION_SHAPES,
-}
-DEFAULTS: Dict[str, Any] = {
-    "bottom_layers": 5,
-    "top_layers": 2,
-    "bottom_transition": 0,
-    "top_transition": 0,
-    "weighting": "uniform",
-    "non_layer": "average",
-    "transition_shape": "flat",
-    "blend_method": "average",
-}
-SHARED_PARAMETERS = tuple(DEFAULTS)
-BLEND_PREFIX = "blend_"
-PER_MODEL_PARAMETERS = ("role", "weight")
-PLANNER_PARAMETERS = ("layer_index", "num_layers", "magnitude", "blend_options")
+
+# (blend_method, blend_<name> settings, base_model) -> (options, needs_base)
+BlendChecker = Callable[[str, Dict[str, Any], Any], Tuple[Tuple[Tuple[str, Any], ...], bool]]
 
 
 @dataclass(frozen=True)
@@ -49,27 +33,18 @@ class Expert:
     role: str
     weight: Any = 1.0  # a mergekit ParameterSetting: scalar, gradient list or filters
 
-    @property
-    def label(self) -> str:
-        return str(self.model)
-
 
 @dataclass(frozen=True)
 class SwapRecipe:
     experts: Tuple[Expert, ...]
     base_model: Any = None
     zones: SwapZones = field(default_factory=SwapZones)
-    weighting: str = "uniform"
-    non_layer: str = "average"
-    transition_shape: str = "flat"
-    blend_method: str = "average"
+    weighting: str = DEFAULTS["weighting"]
+    non_layer: str = DEFAULTS["non_layer"]
+    transition_shape: str = DEFAULTS["transition_shape"]
+    blend_method: str = DEFAULTS["blend_method"]
     blend_options: Tuple[Tuple[str, Any], ...] = ()
-
-    @property
-    def blend_needs_base(self) -> bool:
-        from mergekit_layerswap.adapter.blend import blend_uses_base
-
-        return self.blend_method != "average" and blend_uses_base(self.blend_method)
+    blend_needs_base: bool = False  # the blend method reads base_model (set by the adapter)
 
     def of_role(self, role: str) -> List[Expert]:
         return [e for e in self.experts if e.role == role]
@@ -173,8 +148,12 @@ def _refuse_unknown(names, allowed, where: str) -> None:
         raise RecipeError(f"{where}.{name} is not a layer_swap parameter (known: {known})")
 
 
-def parse_recipe(config) -> SwapRecipe:
-    """Validate the structure of a ``layer_swap`` MergeConfiguration."""
+def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapRecipe:
+    """Validate the structure of a ``layer_swap`` MergeConfiguration.
+
+    ``check_blend(method, settings, base_model)`` validates a ``blend_method`` other than
+    ``average`` against mergekit's registry and returns ``(options, needs_base)``; the
+    adapter passes it (core does not know mergekit's methods)."""
     if config.slices or config.modules:
         raise RecipeError(
             "layer_swap takes a `models:` list, not `slices:` or `modules:` (layer positions "
@@ -232,9 +211,7 @@ def parse_recipe(config) -> SwapRecipe:
             "weighting: magnitude needs base_model (the model both experts were fine-tuned "
             "from); add `base_model:` or use `weighting: uniform`"
         )
-    from mergekit_layerswap.adapter.blend import check_blend
-
-    blend_options = check_blend(shared["blend_method"], blend_settings, base)
+    blend_options, blend_needs_base = _check_blend(shared["blend_method"], blend_settings, base, check_blend)
     return SwapRecipe(
         experts=tuple(experts),
         base_model=base,
@@ -244,7 +221,21 @@ def parse_recipe(config) -> SwapRecipe:
         transition_shape=shared["transition_shape"],
         blend_method=shared["blend_method"],
         blend_options=blend_options,
+        blend_needs_base=blend_needs_base,
     )
+
+
+def _check_blend(method: str, settings: Dict[str, Any], base, check_blend: Optional[BlendChecker]):
+    if method == "average":
+        if settings:
+            raise RecipeError(
+                f"parameters.{next(iter(settings))} only applies with a blend_method other than average; "
+                f"remove it or set blend_method"
+            )
+        return (), False
+    if check_blend is None:
+        raise RecipeError(f"parameters.blend_method {method!r} needs mergekit's method registry to be checked")
+    return check_blend(method, settings, base)
 
 
 def check_zone_fit(zones: SwapZones, num_layers: int) -> None:
@@ -255,4 +246,4 @@ def check_zone_fit(zones: SwapZones, num_layers: int) -> None:
         )
 
 
-__all__ = ["RecipeError", "SwapRecipe", "Expert", "parse_recipe", "check_zone_fit", "TASK", "LANGUAGE"]
+__all__ = ["SwapRecipe", "Expert", "parse_recipe", "check_zone_fit"]

@@ -16,6 +16,7 @@ import yaml
 
 from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
 from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
 from mergekit_layerswap.tools.recipe_file import load_config
 
 
@@ -158,9 +159,8 @@ def render_text(report: Dict[str, Any]) -> str:
         lines.append(f"  {expert['role']:<8} expert: {expert['model']}  (weight {expert['weight']})")
     zones = report["zones"]
     lines.append(
-        f"  zones: bottom_layers={zones['bottom_layers']} top_layers={zones['top_layers']} "
-        f"bottom_transition={zones['bottom_transition']} top_transition={zones['top_transition']}; "
-        f"weighting: {report['weighting']}" + (f" against {report['base_model']}" if report["base_model"] else "")
+        "  zones: " + " ".join(f"{name}={zones[name]}" for name in ZONE_PARAMETERS)
+        + f"; weighting: {report['weighting']}" + (f" against {report['base_model']}" if report["base_model"] else "")
     )
     lines.append("")
     lines.append(f"  {'layer':>5}  {'source':<9} mix")

@@ -32,16 +32,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.layers import SwapZones, layer_source
+from mergekit_layerswap.core.parameters import BY_NAME, DEFAULTS, ZONE_PARAMETERS
 
 CLOSE_FACTOR = 1.5
-PAPER_RANGES: Dict[str, Tuple[int, int]] = {
-    "bottom_layers": (3, 5),
-    "top_layers": (0, 2),
-    "bottom_transition": (0, 2),
-    "top_transition": (0, 2),
-}
+PAPER_RANGES: Dict[str, Tuple[int, int]] = {name: BY_NAME[name].paper_range for name in ZONE_PARAMETERS}
 SHRINK_ORDER = ("top_transition", "bottom_transition", "top_layers", "bottom_layers")
 
 
@@ -55,8 +51,6 @@ class Suggestion:
     notes: List[str] = field(default_factory=list)  # what clipping changed
 
     def zone_of(self, layer: int, zones: Optional[SwapZones] = None) -> str:
-        from mergekit_layerswap.core.layers import layer_source
-
         return layer_source(layer, self.num_layers, zones or self.zones)
 
 
@@ -157,12 +151,9 @@ def recipe(task: Any, language: Any, base: Any, zones: SwapZones) -> Dict[str, A
             {"model": _model_text(language), "parameters": {"role": "language"}},
         ],
         "parameters": {
-            "bottom_layers": zones.bottom_layers,
-            "top_layers": zones.top_layers,
-            "bottom_transition": zones.bottom_transition,
-            "top_transition": zones.top_transition,
-            "weighting": "uniform",
-            "non_layer": "average",
+            **{name: getattr(zones, name) for name in ZONE_PARAMETERS},
+            "weighting": DEFAULTS["weighting"],
+            "non_layer": DEFAULTS["non_layer"],
         },
     }
 

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core.errors import OptionError, RecipeError
-from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS
-from mergekit_layerswap.tools.sweep_files import SWEEPABLE, ResultsFile, plot, write_best_recipe
+from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, SYMBOLS, ZONE_PARAMETERS
+from mergekit_layerswap.tools.sweep_files import ResultsFile, plot, write_best_recipe
 from mergekit_layerswap.core import METHOD_NAME
 
 BASELINES = ("task-expert", "language-expert", "soup")
@@ -60,8 +60,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
 
 
 def candidate_name(parameters: Dict[str, Any]) -> str:
-    short = {"bottom_layers": "b", "top_layers": "u", "bottom_transition": "tb", "top_transition": "tu"}
-    return "-".join(f"{short.get(k, k)}{v}" for k, v in parameters.items())
+    return "-".join(f"{SYMBOLS[k].replace('_', '') if k in SYMBOLS else k}{v}" for k, v in parameters.items())
 
 
 def candidates(grid: Dict[str, List[Any]], num_layers: int, zones: SwapZones) -> Tuple[List[Candidate], List[str]]:
@@ -91,7 +90,7 @@ def baseline_recipe(recipe, name: str, num_layers: int):
         half = num_layers // 2
         zones = SwapZones(0, 0, half, num_layers - half)
         return dataclasses.replace(recipe, zones=zones, weighting="uniform", non_layer="average",
-                                   transition_shape="flat", blend_method="average", blend_options=(),
+                                   transition_shape="flat", blend_method="average", blend_options=(), blend_needs_base=False,
                                    experts=tuple(dataclasses.replace(e, weight=1.0) for e in recipe.experts))
     role = "task" if name == "task-expert" else "language"
     zones = SwapZones(num_layers, 0, 0, 0) if role == "language" else SwapZones(0, 0, 0, 0)

@@ -12,9 +12,8 @@ from typing import Any, Dict, Optional
 import yaml
 
 from mergekit_layerswap.core.errors import OptionError
-from mergekit_layerswap.core.recipe import CHOICE_PARAMETERS, ZONE_PARAMETERS
+from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, ZONE_PARAMETERS
 
-SWEEPABLE = ZONE_PARAMETERS + tuple(CHOICE_PARAMETERS)
 FIELDS = ["name", "kind", *SWEEPABLE, "metric", "score", "stderr", "count", "higher_is_better"]
 
 
