@@ -12,10 +12,11 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from mergekit_layerswap.adapter.kernel import Members, active_roles, mix_roles, weighted_sum
+from mergekit_layerswap.adapter.mixing import Members, active_roles, mix_roles, weighted_sum
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.recipe import BLEND_PREFIX, is_scalar
+from mergekit_layerswap.core.parameters import BLEND_PREFIX
+from mergekit_layerswap.core.recipe import is_scalar
 
 
 def _blend_method(name: str):

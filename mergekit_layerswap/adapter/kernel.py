@@ -9,7 +9,7 @@ against ``base_model`` (``magnitude``). A recipe cannot set either.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from pydantic import NonNegativeInt, PositiveFloat
@@ -24,6 +24,8 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.merge_methods.easy_define import merge_method
 
+from mergekit_layerswap.adapter.blend import blend_roles
+from mergekit_layerswap.adapter.mixing import Members, mix_roles
 from mergekit_layerswap.core import METHOD_NAME, PAPER_URL
 from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
 
@@ -58,7 +60,7 @@ def layer_swap(
 ) -> torch.Tensor:
     zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
     shares = role_shares(layer_index, num_layers, zones, non_layer, transition_shape)
-    members: Dict[str, List[Tuple[torch.Tensor, float]]] = {r: [] for r in ROLES}
+    members: Members = {r: [] for r in ROLES}
     for entry in group.non_base:
         w = weight[entry.id]
         if weighting == "magnitude":
@@ -66,51 +68,5 @@ def layer_swap(
         members[role[entry.id]].append((entry.tensor, w))
     if blend_method == "average":
         return mix_roles(members, shares, name=group.metadata.name)
-    from mergekit_layerswap.adapter.blend import blend_roles
-
     base = group.base.tensor if group.base is not None else None
     return blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
-
-
-Members = Dict[str, List[Tuple[torch.Tensor, float]]]
-
-
-def active_roles(members: Members, shares: Dict[str, float], name: Optional[str]) -> List[str]:
-    active = [r for r in ROLES if shares[r] > 0]
-    for r in active:
-        if not members[r]:
-            raise ValueError(f"{name}: no {r} expert tensor was loaded")
-    return active
-
-
-def weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
-    """sum(coefficient * tensor) in ``dtype``, with one working buffer and no temporaries
-    beyond each input's conversion."""
-    (first, c0), rest = terms[0], terms[1:]
-    total = first.to(dtype=dtype, copy=True).mul_(c0)
-    for tensor, coefficient in rest:
-        total.add_(tensor.to(dtype), alpha=coefficient)
-    return total
-
-
-def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = None) -> torch.Tensor:
-    """Average each role's experts, then blend the roles (the paper's weighted average).
-
-    A role's soup is the weighted mean of its experts and carries the mean of their
-    weights; the output is ``sum(s_r * W_r * soup_r) / sum(s_r * W_r)`` over roles
-    with share ``s_r > 0``. A single expert taken whole is returned untouched
-    (bit-identical); every average is computed in float32 or wider.
-    """
-    active = active_roles(members, shares, name)
-    if len(active) == 1 and len(members[active[0]]) == 1:
-        return members[active[0]][0][0]
-    out_dtype = members[active[0]][0][0].dtype
-    acc_dtype = torch.promote_types(out_dtype, torch.float32)
-    terms = []
-    denominator = 0.0
-    for r in active:
-        soup_weight = sum(w for _, w in members[r])
-        coefficient = shares[r] * soup_weight / len(members[r])
-        terms += [(tensor, coefficient * w / soup_weight) for tensor, w in members[r]]
-        denominator += coefficient
-    return weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import LANGUAGE, ROLES, TASK, SwapZones
+from mergekit_layerswap.core.layers import LANGUAGE, ROLES, SwapZones
 from mergekit_layerswap.core.parameters import (
     BLEND_PREFIX,
     CHOICE_PARAMETERS,

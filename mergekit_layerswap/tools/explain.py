@@ -8,11 +8,8 @@ bytes the merge will read from each model.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional
-
-import yaml
 
 from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
 from mergekit_layerswap.core.errors import RecipeError

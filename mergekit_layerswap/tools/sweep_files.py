@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 import yaml
 
 from mergekit_layerswap.core.errors import OptionError
-from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, ZONE_PARAMETERS
+from mergekit_layerswap.core.parameters import SWEEPABLE, ZONE_PARAMETERS
 
 FIELDS = ["name", "kind", *SWEEPABLE, "metric", "score", "stderr", "count", "higher_is_better"]
 
