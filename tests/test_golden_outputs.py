@@ -43,7 +43,7 @@ import pytest
 import torch
 
 from checkpoints import make_model
-from conftest import run_yaml_inprocess, swap_recipe, write_recipe
+from helpers import run_yaml_inprocess, swap_recipe, write_recipe
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_outputs.json")
 UPDATE = os.environ.get("UPDATE_GOLDEN", "").lower() in ("1", "true", "yes")
