@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import yaml
 
 from mergekit_layerswap.core.layers import BLEND, LANGUAGE, layer_table, transition_depth
 from mergekit_layerswap.core import PAPER_URL
+from mergekit_layerswap.core.files import looks_like_hub_id
 
 CARD = """---
 {metadata}
@@ -46,10 +46,6 @@ config.json, tokenizer and generation config come from {donor}.
 {config_yaml}
 ```
 """
-
-
-def _is_hub_id(path: str) -> bool:
-    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
 
 
 def _ranges(rows: List[Tuple[int, str]]) -> List[Tuple[int, int, str]]:
@@ -104,7 +100,7 @@ def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
         LANGUAGE: "taken from the language expert",
         "task": "taken from the task expert",
     }[recipe.non_layer]
-    hub_models = [str(m.model.path) for m in recipe.models if _is_hub_id(m.model.path)]
+    hub_models = [str(m.model.path) for m in recipe.models if looks_like_hub_id(m.model.path)]
     metadata = yaml.safe_dump(
         {
             "base_model": hub_models,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.files import looks_like_hub_id
 from mergekit_layerswap.core.recipe import SwapRecipe, check_zone_fit
 
 # config keys whose value > 1 marks a mixture-of-experts model
@@ -73,13 +74,9 @@ def _describe(model, config) -> str:
     return f"{model} ({(config.architectures or ['?'])[0]})"
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", ".", "~")) or path.count("/") != 1
-
-
 def _read_config(model, trust_remote_code: bool):
     path = model.model.path
-    if not os.path.exists(path) and _looks_local(path):
+    if not os.path.exists(path) and not looks_like_hub_id(path):
         raise RecipeError(f"model path {path} does not exist; fix the path in the recipe")
     try:
         return model.config(trust_remote_code=trust_remote_code)

@@ -8,6 +8,9 @@ import os
 
 import click
 
+from mergekit_layerswap.cli.options import device_option
+from mergekit_layerswap.core.files import looks_like_hub_id
+
 from mergekit_layerswap.tools.analysis import AUTO, AUTO_QUANTILE, DEFAULT_THRESHOLDS
 
 
@@ -29,7 +32,7 @@ class ModelType(click.ParamType):
             self.fail(f"{value}: LoRA adapters are not analysed; merge the adapter into its model first",
                       param, ctx)
         path = os.path.expanduser(model.model.path)
-        if path.startswith((os.sep, ".", "~")) and not os.path.isdir(path):
+        if not os.path.isdir(path) and not looks_like_hub_id(path):
             self.fail(f"{value}: no such model directory; give a local model directory or a hub id",
                       param, ctx)
         try:
@@ -61,16 +64,6 @@ MODEL = ModelType()
 THRESHOLD = ThresholdType()
 
 
-def _device(cuda: bool) -> str:
-    if not cuda:
-        return "cpu"
-    import torch
-
-    if not torch.cuda.is_available():
-        raise click.BadParameter("no CUDA device is available; drop --cuda", param_hint="--cuda")
-    return "cuda"
-
-
 def _check_distinct(base, models, hint: str) -> None:
     if base in models:
         raise click.BadParameter(f"{base} is also --base; compare experts fine-tuned from the base, "
@@ -93,9 +86,9 @@ def _check_distinct(base, models, hint: str) -> None:
                    f"expert's {AUTO_QUANTILE:g} quantile). Default: 1.9e-5, 1e-5 and auto.")
 @click.option("--heatmap-threshold", type=THRESHOLD, default=AUTO, show_default=True,
               help="Threshold the heatmaps colour by.")
-@click.option("--cuda", is_flag=True, help="Compute the differences on the GPU.")
+@device_option("Compute the differences on the GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, cuda, quiet):
+def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, device, quiet):
     """Where did each expert change? Per-layer, per-matrix statistics and heatmaps."""
     from mergekit_layerswap.tools import analysis, heatmap
 
@@ -103,7 +96,6 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, cuda,
     _check_distinct(base, list(experts), "--expert")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise click.BadParameter(f"{out_dir} is a file; give a directory", param_hint="--out")
-    device = _device(cuda)
     thresholds = list(dict.fromkeys(thresholds or DEFAULT_THRESHOLDS))
     if heatmap_threshold not in thresholds:
         thresholds.append(heatmap_threshold)
@@ -125,9 +117,9 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, cuda,
 @click.option("--out", "out_path", type=click.Path(dir_okay=False),
               help="Write the recipe here (default: print it).")
 @click.option("--no-clip", is_flag=True, help="The raw rule, not clipped to the paper's searched ranges.")
-@click.option("--cuda", is_flag=True, help="Compute the differences on the GPU.")
+@device_option("Compute the differences on the GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def suggest_command(base, task, language, out_path, no_clip, cuda, quiet):
+def suggest_command(base, task, language, out_path, no_clip, device, quiet):
     """Propose bottom/top/transition sizes from the two experts' per-layer changes."""
     from mergekit_layerswap.tools import analysis, suggest
 
@@ -137,7 +129,6 @@ def suggest_command(base, task, language, out_path, no_clip, cuda, quiet):
     if out_path and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
         raise click.BadParameter(f"the directory of {out_path} does not exist; create it first",
                                  param_hint="--out")
-    device = _device(cuda)
     task_delta, language_delta = analysis.analyze_experts(base, [task, language], device=device, quiet=quiet)
     try:
         result = suggest.suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(),

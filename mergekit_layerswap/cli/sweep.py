@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from mergekit_layerswap.cli.options import device_option
+
 
 @click.command("sweep")
 @click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
@@ -14,30 +16,26 @@ import click
 @click.option("--eval", "eval_spec", required=True,
               help="exact-match:FILE.jsonl | perplexity:FILE.txt | lm-eval:TASK")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Results directory.")
-@click.option("--cuda", is_flag=True, help="Evaluate (and compute magnitude statistics) on the GPU.")
+@device_option("Evaluate (and compute magnitude statistics) on the GPU.")
 @click.option("--limit", type=click.IntRange(min=1), help="Evaluate at most N items per candidate.")
 @click.option("--num-fewshot", type=click.IntRange(min=0), default=8, show_default=True, help="Shots for lm-eval tasks.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
               help="Also evaluate the task expert, the language expert and their 1:1 soup.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sweep_command(recipe, more_grid, grid, eval_spec, out_dir, cuda, limit, num_fewshot, baselines, quiet):
+def sweep_command(recipe, more_grid, grid, eval_spec, out_dir, device, limit, num_fewshot, baselines, quiet):
     """Merge and evaluate every configuration of a grid, keeping the best as a recipe.
 
     Writes OUT/results.csv (resumable), OUT/scores.png and OUT/best.yaml.
     """
-    import torch
-
     from mergekit_layerswap.tools.evaluate import Evaluator, check_spec
     from mergekit_layerswap.tools.sweep import parse_grid, run_sweep
 
-    if cuda and not torch.cuda.is_available():
-        raise click.BadParameter("no CUDA device is available; drop --cuda", param_hint="--cuda")
     grid_values = parse_grid(list(grid) + list(more_grid))
     check_spec(eval_spec)
     summary = run_sweep(
         recipe, grid_values, eval_spec, out_dir,
         evaluate=Evaluator(eval_spec, limit=limit, num_fewshot=num_fewshot),
-        device="cuda" if cuda else "cpu", baselines=baselines, echo=click.echo, quiet=quiet,
+        device=device, baselines=baselines, echo=click.echo, quiet=quiet,
     )
     best = summary["best"]
     if best is not None:

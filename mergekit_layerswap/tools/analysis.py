@@ -42,6 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from mergekit_layerswap.core.files import atomic_write_text
+
 AUTO = "auto"
 AUTO_QUANTILE = 0.9
 PAPER_THRESHOLDS = (1.9e-5, 1.0e-5)
@@ -275,13 +277,6 @@ def _csv_text(rows: List[Dict[str, Any]], labels: List[str], autos: Dict[str, fl
     return buffer.getvalue()
 
 
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 def write_stats(deltas: Sequence[ExpertDelta], thresholds: Sequence[Threshold], out_dir: str) -> List[str]:
     """Write ``stats.csv`` and ``stats.json`` into ``out_dir``; returns their paths."""
     rows = stat_rows(deltas, thresholds)
@@ -303,6 +298,6 @@ def write_stats(deltas: Sequence[ExpertDelta], thresholds: Sequence[Threshold], 
     }
     os.makedirs(out_dir, exist_ok=True)
     csv_path, json_path = os.path.join(out_dir, "stats.csv"), os.path.join(out_dir, "stats.json")
-    _write_atomic(csv_path, _csv_text(rows, labels, autos))
-    _write_atomic(json_path, json.dumps(document, indent=1) + "\n")
+    atomic_write_text(csv_path, _csv_text(rows, labels, autos), newline="")
+    atomic_write_text(json_path, json.dumps(document, indent=1) + "\n", newline="")
     return [csv_path, json_path]

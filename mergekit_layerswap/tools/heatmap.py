@@ -23,6 +23,7 @@ from typing import List, Sequence
 import numpy as np
 
 from mergekit_layerswap.core.errors import LayerSwapError
+from mergekit_layerswap.core.files import atomic_file
 from mergekit_layerswap.tools.analysis import AUTO, AUTO_QUANTILE, ExpertDelta, Threshold
 
 DPI = 100
@@ -52,9 +53,8 @@ def _figure(size):
 
 
 def _save(figure, path: str) -> str:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    figure.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=DPI)
     return path
 
 

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.files import atomic_write_text
 from mergekit_layerswap.core.layers import SwapZones, layer_source
 from mergekit_layerswap.core.parameters import BY_NAME, DEFAULTS, ZONE_PARAMETERS
 
@@ -174,7 +175,4 @@ def recipe_text(suggestion: Suggestion, task: Any, language: Any, base: Any) -> 
 
 
 def write_text(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)

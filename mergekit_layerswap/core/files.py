@@ -1,0 +1,33 @@
+"""Two small file-system rules used across the package (standard library only)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", **open_kwargs):
+    """Write ``path`` through a temporary file beside it, renamed over ``path`` only when
+    the block finishes: a reader never sees a half-written file, and a failure leaves
+    the previous file (or none) in place."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    try:
+        with open(tmp, mode, **open_kwargs) as handle:
+            yield handle
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: str, text: str, newline=None) -> None:
+    with atomic_file(path, "w", newline=newline) as handle:
+        handle.write(text)
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``org/name`` that is not a local path: what mergekit would look up on the Hub."""
+    return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))
