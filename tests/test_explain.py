@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from checkpoints import load_tensors
-from helpers import swap_recipe, write_recipe
+from helpers import assert_one_line_error, swap_recipe, write_recipe
 
 
 def explain(*args):
@@ -56,10 +56,8 @@ def test_text_report_and_linear_transitions(families, tmp_path):
 def test_bad_recipe_is_refused_like_a_merge(families, tmp_path):
     fam = families("llama")
     path = write_recipe(tmp_path / "r.yaml", swap_recipe(fam, bottom_layers=9))
-    result = explain(path)
-    assert result.exit_code != 0
-    assert result.output.strip().startswith("Error: ") and "8 decoder layers" in result.output
-    assert explain(tmp_path / "missing.yaml").exit_code != 0
+    assert_one_line_error(explain(path), "bottom_layers", "8 decoder layers")
+    assert_one_line_error(explain(tmp_path / "missing.yaml"), "missing.yaml", "does not exist")
 
 
 def test_magnitude_mix_and_bytes_before_and_after_the_statistics_are_cached(families, tmp_path, monkeypatch):

@@ -12,10 +12,27 @@ from checkpoints import load_tensors
 from helpers import swap_recipe
 
 
-def test_mergekit_version_is_a_verified_one():
+def test_the_pin_and_the_verified_versions_agree():
+    """pyproject.toml pins exactly the mergekit versions planner.py was verified with."""
+    import os
+    import re
+
     from mergekit_layerswap.adapter.planner import VERIFIED_MERGEKIT_VERSIONS
 
+    with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), encoding="utf-8") as handle:
+        pins = re.findall(r'"mergekit==([^"]+)"', handle.read())
+    assert pins == list(VERIFIED_MERGEKIT_VERSIONS)
     assert version("mergekit") in VERIFIED_MERGEKIT_VERSIONS
+
+
+def test_an_unverified_mergekit_is_named_in_a_warning(caplog):
+    from mergekit_layerswap.adapter.planner import _check_version
+
+    with caplog.at_level("WARNING", logger="mergekit_layerswap.adapter.planner"):
+        _check_version("0.1.5")
+        assert not caplog.records
+        _check_version("0.2.0")
+    assert len(caplog.records) == 1 and "0.2.0" in caplog.records[0].getMessage()
 
 
 def test_adapted_functions_are_in_place():

@@ -153,10 +153,15 @@ def test_every_shipped_recipe_exists():
 
 
 @pytest.mark.parametrize("rel, doc", DOCUMENTS)
-def test_recipe_parses_as_mergekit_configuration(rel, doc):
+def test_recipe_parses_as_mergekit_configuration_without_dropped_keys(rel, doc):
+    """mergekit's schema silently drops keys it does not know: every key a shipped recipe
+    spells out must survive parsing (a typo such as `paramters:` would not)."""
     config = _config(doc)
-    assert config.merge_method
-    assert config.models or config.slices or config.modules
+    assert set(doc) - {"name"} <= config.model_fields_set, set(doc) - config.model_fields_set
+    for entry, parsed in zip(doc.get("models") or [], config.models or []):
+        assert set(entry) <= parsed.model_fields_set, set(entry) - parsed.model_fields_set
+        assert dict(entry.get("parameters") or {}) == dict(parsed.parameters or {})
+    assert dict(doc.get("parameters") or {}) == dict(config.parameters or {})
 
 
 @pytest.mark.parametrize("rel, doc", [d for d in DOCUMENTS if _is_swap(*d.values)])

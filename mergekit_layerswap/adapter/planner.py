@@ -301,10 +301,11 @@ def _checking_stages(original):
 
 
 # ------------------------------------------------------------------- guards
-def _check_version() -> None:
+def _check_version(found: Optional[str] = None) -> None:
+    """Warn (once per merge) when the installed mergekit is not one this module was verified with."""
     from importlib.metadata import version
 
-    found = version("mergekit")
+    found = found or version("mergekit")
     if found not in VERIFIED_MERGEKIT_VERSIONS:
         LOG.warning(
             "mergekit-layerswap was verified with mergekit %s; found %s",
