@@ -136,3 +136,13 @@ def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = 
         terms += [(tensor, coefficient * w / soup_weight) for tensor, w in members[r]]
         denominator += coefficient
     return weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)
+
+
+def _with_positions(method):
+    """The method object mergekit registers: positions filled in for its in-memory API."""
+    from mergekit_layerswap.adapter.inmemory import LayerSwapMethod
+
+    return LayerSwapMethod(method.spec, method.implementation)
+
+
+layer_swap = _with_positions(layer_swap)
