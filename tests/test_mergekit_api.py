@@ -78,7 +78,7 @@ def test_planner_reads_only_the_experts_each_tensor_needs(families, tmp_path):
         read = {str(model) for model in task.gather_tensors.weight_info.keys()}
         kind = sources[layer] if layer is not None else "L"
         assert read == wanted[kind], (name, read)
-        assert task.parameters["layer_index"] == layer and task.parameters["num_layers"] == 8
+        assert task.parameters["layer_index"] == (layer if layer is not None else "non_layer") and task.parameters["num_layers"] == 8
         seen.add(name)
     assert seen == set(load_tensors(fam.lang))
     executor.execute()

@@ -1,15 +1,21 @@
 """The ``layer_swap`` merge method: one kernel, the recipe's parameters as its arguments.
 
-The planner adapter (``planning.py``) adds two values mergekit's kernel interface
+The planner adapter (``planner.py``) adds two values mergekit's kernel interface
 cannot know by itself: the tensor's decoder-layer position (``layer_index`` of
-``num_layers``, ``None`` for non-layer tensors, taken from mergekit's architecture
-definitions) and, under ``weighting: magnitude``, each expert's mean row change
-against ``base_model`` (``magnitude``). A recipe cannot set either.
+``num_layers``, or ``NON_LAYER`` for a tensor outside the layers, taken from mergekit's
+architecture definitions) and, under ``weighting: magnitude``, each expert's mean row
+change against ``base_model`` (``magnitude``). A recipe cannot set either.
+
+A tensor whose position nobody gave (``layer_index`` left out: mergekit's in-memory API,
+``mergekit-pytorch``) is refused, never treated as a non-layer tensor; ``api.py`` fills
+the positions in for ``merge_state_dicts`` from mergekit's architecture definitions.
+Every average is checked for non-finite values and integer tensors are never averaged
+(``trust.py``).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import torch
 from pydantic import NonNegativeInt, PositiveFloat
@@ -24,6 +30,7 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.merge_methods.easy_define import merge_method
 
+from mergekit_layerswap.adapter import trust
 from mergekit_layerswap.adapter.blend import blend_roles
 from mergekit_layerswap.adapter.mixing import Members, mix_roles
 from mergekit_layerswap.core import METHOD_NAME, PAPER_URL
@@ -31,6 +38,7 @@ from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
 
 
 Role = Literal["task", "language"]
+NON_LAYER = trust.NON_LAYER  # layer_index of a tensor outside the decoder layers
 
 
 @merge_method(
@@ -54,19 +62,43 @@ def layer_swap(
     transition_shape: Literal["flat", "linear"] = "flat",
     blend_method: str = "average",
     blend_options: Optional[Tuple[Tuple[str, Any], ...]] = None,
-    layer_index: Optional[NonNegativeInt] = None,
+    layer_index: Union[NonNegativeInt, Literal["non_layer"], None] = None,
     num_layers: Optional[NonNegativeInt] = None,
     magnitude: PerInput[PositiveFloat] = 1.0,
 ) -> torch.Tensor:
+    name = group.metadata.name
+    layer = trust.layer_position(layer_index, num_layers, name)
     zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
-    shares = role_shares(layer_index, num_layers, zones, non_layer, transition_shape)
+    shares = role_shares(layer, num_layers, zones, non_layer, transition_shape)
     members: Members = {r: [] for r in ROLES}
+    used = []  # the entries whose tensors this output is made of
     for entry in group.non_base:
+        entry_role = trust.role_of(role, entry.id, name)
         w = weight[entry.id]
         if weighting == "magnitude":
             w = w / magnitude[entry.id]
-        members[role[entry.id]].append((entry.tensor, w))
+        members[entry_role].append((entry.tensor, w))
+        if shares[entry_role] > 0:
+            used.append(entry)
+    if any(not entry.tensor.is_floating_point() for entry in group.entries):
+        return trust.copied_integer_tensor(used, name)
     if blend_method == "average":
-        return mix_roles(members, shares, name=group.metadata.name)
-    base = group.base.tensor if group.base is not None else None
-    return blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
+        result = mix_roles(members, shares, name=name)
+    else:
+        base = group.base.tensor if group.base is not None else None
+        result = blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
+        if group.base is not None and sum(share > 0 for share in shares.values()) > 1:
+            used.append(group.base)
+    if len(used) > 1:
+        trust.check_finite(result, used, name)
+    return result
+
+
+def _with_positions(method):
+    """The method object mergekit registers: positions filled in for its in-memory API."""
+    from mergekit_layerswap.adapter.inmemory import LayerSwapMethod
+
+    return LayerSwapMethod(method.spec, method.implementation)
+
+
+layer_swap = _with_positions(layer_swap)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from mergekit_layerswap.adapter.hooks import wrap
+from mergekit_layerswap.adapter import trust
+from mergekit_layerswap.adapter.trust import NON_LAYER
 from mergekit_layerswap.core.layers import role_shares
 from mergekit_layerswap.core import METHOD_NAME
 
@@ -53,6 +55,7 @@ class SwapRun:
     recipe: Any  # recipe.SwapRecipe
     info: Any  # checks.ModelsInfo
     magnitudes: Dict[Any, Any] = field(default_factory=dict)  # model -> MagnitudeStat
+    integers: Dict[str, str] = field(default_factory=dict)  # integer tensor name -> stored dtype
 
     def effective_weight(self, expert) -> Optional[float]:
         """weight x 1/m for a scalar weight (None when the weight varies per tensor)."""
@@ -125,8 +128,9 @@ def describe_weights(run: SwapRun) -> str:
 
 # ---------------------------------------------------------------- mergekit.plan
 def on_plan(plan_module) -> None:
-    _require(plan_module, "MergePlanner", ("normalize_config", "plan_layer", "plan_tensor"))
+    _require(plan_module, "MergePlanner", ("normalize_config", "plan_layer", "plan_tensor", "plan_to_disk"))
     planner_cls = plan_module.MergePlanner
+    wrap(planner_cls, "plan_to_disk", _plan_to_disk)
     wrap(planner_cls, "normalize_config", _normalize_config)
     wrap(planner_cls, "plan_layer", _plan_layer)
     wrap(planner_cls, "plan_tensor", _plan_tensor)
@@ -142,6 +146,8 @@ def _normalize_config(original):
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
         original(self)
         check_tensors(run.recipe, run.info, tokenizer_configured=configured_tokenizer)
+        run.integers = trust.integer_tensors(run.recipe.models)
+        trust.check_blended_integers(run.recipe, run.info, run.integers)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
         resolve_magnitudes(run, device=device or "cpu", quiet=self.options.quiet)
         weights = describe_weights(run)
@@ -150,6 +156,7 @@ def _normalize_config(original):
             print(weights, file=sys.stderr)
         self._layer_swap = run
         self._layer_swap_layer = None
+        self._layer_swap_integers = set()
 
     return normalize_config
 
@@ -198,9 +205,14 @@ def _plan_tensor(original):
         if len(self._tensors) == planned:
             return  # an optional tensor (untied lm_head) no expert stores
         out_weight, task = self._tensors[-1]
+        update = {}
+        if run.integers and {weight.name, *(weight.aliases or ())} & set(run.integers):
+            # never cast an integer tensor to the recipe's float dtype: it is copied, not averaged
+            update["gather_tensors"] = _uncast(task.gather_tensors)
+            self._layer_swap_integers.add(out_weight.name)
         parameters = dict(task.parameters.items())
         parameters.update(
-            layer_index=layer, num_layers=run.info.num_layers, blend_options=recipe.blend_options
+            layer_index=NON_LAYER if layer is None else layer, num_layers=run.info.num_layers, blend_options=recipe.blend_options
         )
         input_parameters = {
             model: ImmutableMap(
@@ -212,6 +224,7 @@ def _plan_tensor(original):
             out_weight,
             task.model_copy(
                 update={
+                    **update,
                     "parameters": ImmutableMap(parameters),
                     "input_parameters": ImmutableMap(input_parameters),
                 }
@@ -219,6 +232,44 @@ def _plan_tensor(original):
         )
 
     return plan_tensor
+
+
+def _uncast(gather):
+    from mergekit.io.tasks import GatherTensors
+
+    if isinstance(gather, GatherTensors):
+        return gather.model_copy(update={"dtype": None})
+    return gather.model_copy(update={"gather_tensors": _uncast(gather.gather_tensors)})
+
+
+def _plan_to_disk(original):
+    def plan_to_disk(self, *args, **kwargs):
+        tasks = original(self, *args, **kwargs)
+        integers = getattr(self, "_layer_swap_integers", None) if is_layer_swap(self.config) else None
+        if not integers:
+            return tasks
+        return _saved_uncast(tasks, integers)
+
+    return plan_to_disk
+
+
+def _saved_uncast(tasks, integers):
+    """Integer tensors are saved in their own dtype, not ``out_dtype``."""
+    from mergekit.io.tasks import FinalizeModel, SaveTensor
+
+    replaced = {}
+    for task in tasks:
+        if isinstance(task, SaveTensor) and task.tensor_name in integers and task.dtype is not None:
+            replaced[id(task)] = task.model_copy(update={"dtype": None})
+    if not replaced:
+        return tasks
+    out = []
+    for task in tasks:
+        if isinstance(task, FinalizeModel):
+            saves = tuple(replaced.get(id(t), t) for t in task.tensor_save_tasks)
+            task = task.model_copy(update={"tensor_save_tasks": saves})
+        out.append(replaced.get(id(task), task))
+    return out
 
 
 def _magnitude_of(run: SwapRun, model) -> float:

@@ -222,12 +222,33 @@ def analyze_experts(base, experts: Sequence[Any], device: str = "cpu", quiet: bo
     for model, name in zip(experts, expert_names(experts)):
         places, columns = tensor_places(info, model, stored_tensors(model))
         row_mavs = {
-            tensor: values.detach().float().cpu().numpy()
+            tensor: _finite_rows(values.detach().float().cpu().numpy(), model, base, tensor)
             for tensor, values in stream_row_mavs(model, base, device=device, quiet=quiet,
                                                   desc=f"Rows of {name}")
         }
         deltas.append(ExpertDelta(name, model, info.num_layers, columns, places, row_mavs))
     return deltas
+
+
+def _finite_rows(values: np.ndarray, model, base, tensor: str) -> np.ndarray:
+    """A NaN or inf in either model makes its row values meaningless: say so, naming the
+    model and tensor (read again only on that failure, to tell which of the two it is)."""
+    if np.all(np.isfinite(values)):
+        return values
+    import torch
+    from mergekit.io.tasks import LoaderCache
+
+    from mergekit_layerswap.core.errors import RecipeError
+
+    culprit = f"expert {model} or base {base}"  # (the difference overflowed)
+    for candidate, label in ((model, "expert"), (base, "base")):
+        if not bool(torch.isfinite(LoaderCache().get(candidate).get_tensor(tensor)).all()):
+            culprit = f"{label} {candidate}"
+            break
+    raise RecipeError(
+        f"{culprit} has non-finite values (NaN or inf) in tensor {tensor}, so its change from the base "
+        f"cannot be measured; repair or re-export that checkpoint"
+    )
 
 
 # ---------------------------------------------------------------- stats files

@@ -16,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from mergekit_layerswap.adapter.checks import find_stored
+from mergekit_layerswap.adapter.trust import NON_LAYER
 
 BASE_ID = "__base__"
 
@@ -106,10 +107,11 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
             **dataclasses.asdict(recipe.zones),
             "weighting": recipe.weighting, "non_layer": recipe.non_layer,
             "transition_shape": recipe.transition_shape, "blend_method": recipe.blend_method,
-            "blend_options": recipe.blend_options, "layer_index": layer, "num_layers": info.num_layers,
+            "blend_options": recipe.blend_options,
+            "layer_index": NON_LAYER if layer is None else layer, "num_layers": info.num_layers,
         }
         group = TensorGroup(entries=tuple(entries), metadata=TensorMetadata.from_weight_info(weight))
         (tensor,) = method((group,), parameters=parameters)
-        if cast is not None:
+        if cast is not None and tensor.is_floating_point():  # integers keep their dtype
             tensor = tensor.to(cast)
         yield weight.name, tensor

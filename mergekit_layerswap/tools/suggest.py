@@ -58,7 +58,9 @@ class Suggestion:
 def relative_change(profile: Sequence[float]) -> np.ndarray:
     values = np.asarray(profile, dtype=np.float64)
     mean = float(np.mean(values))
-    if not np.all(np.isfinite(values)) or mean <= 0.0:
+    if not np.all(np.isfinite(values)):
+        raise ValueError("an expert's per-layer change is not finite")
+    if mean <= 0.0:
         raise ValueError("an expert's layers do not differ from the base (mean change 0)")
     return values / mean
 

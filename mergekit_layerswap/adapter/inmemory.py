@@ -1,0 +1,160 @@
+"""``layer_swap`` through mergekit's in-memory API (``mergekit.merge_methods.api``:
+``merge_state_dicts``, ``merge_tensors``), which calls the method without the planner.
+
+The swap needs each tensor's decoder-layer position. When the caller does not pass
+``layer_index`` (one value per tensor, ``PerGroupValues``, an int or ``"non_layer"``) and
+``num_layers``, they are found from mergekit's own architecture definitions
+(``mergekit/_data/architectures/*.json``): every definition's layer templates are
+expanded for layers 0, 1, ... and matched against the tensor names of the call. The
+positions are used only when the names are one whole model of a definition (every tensor
+listed, every required one present: a partial state dict would miscount the layers) and
+exactly one placement fits (Llama,
+Mistral and Qwen2 name their tensors alike and place them alike); a name no definition
+places, or two definitions that disagree, is refused with how to merge instead. A single
+tensor (``merge_tensors``) never says how many layers the model has, so it needs the
+explicit parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+from mergekit.merge_methods.base import FunctionalGroupMergeMethod, PerGroupValues
+
+from mergekit_layerswap.adapter.trust import HOW_TO_MERGE, NON_LAYER
+from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.errors import RecipeError
+
+Position = Union[int, str]  # a decoder layer index or NON_LAYER
+_PROBE_LAYERS = 1 << 20  # stands for "many layers" while counting them
+
+
+class LayerSwapMethod(FunctionalGroupMergeMethod):
+    """The registered method: mergekit's group method, plus layer positions for callers
+    that give none (the planner and the sweep assembler always give them)."""
+
+    def __call__(self, groups, /, *, parameters=None, **options):
+        groups = tuple(groups)
+        parameters = dict(parameters or {})
+        if groups and parameters.get("role") is None:
+            raise RecipeError(
+                f"{METHOD_NAME} needs a role for every input: parameters={{'role': {{<input id>: 'task' or "
+                f"'language', ...}}}} (a sequence in input order works too)"
+            )
+        if groups and "layer_index" not in parameters:
+            names = [group.metadata.name for group in groups]
+            positions, num_layers = infer_positions(names)
+            given = parameters.get("num_layers")
+            if given is not None and given != num_layers:
+                raise RecipeError(
+                    f"num_layers={given}, but the tensor names hold {num_layers} decoder layers; drop "
+                    f"num_layers or pass layer_index too"
+                )
+            parameters["layer_index"] = PerGroupValues([positions[name] for name in names])
+            parameters["num_layers"] = num_layers
+        return super().__call__(groups, parameters=parameters, **options)
+
+
+def _names(weight) -> Tuple[str, ...]:
+    return (weight.name,) + tuple(weight.aliases or ())
+
+
+def _module_config(module_arch, num_layers: int):
+    from transformers import PretrainedConfig
+
+    key = module_arch.num_layers_config_key() or "num_hidden_layers"
+    if "." in key:
+        return None  # a nested (multimodal) config: not placed from names alone
+    config = PretrainedConfig()
+    setattr(config, key, num_layers)
+    return config
+
+
+def _placement(module_def, names: set) -> Optional[Tuple[int, Dict[str, Position]]]:
+    """(layer count, name -> position) for one architecture module, None if no layer matches."""
+    from mergekit.architecture import ConfiguredModuleArchitecture
+
+    info = module_def.architecture
+
+    def configured(num_layers):
+        config = _module_config(info, num_layers)
+        if config is None:
+            return None
+        return ConfiguredModuleArchitecture(info=info, config=config, weight_prefix=module_def.weight_prefix)
+
+    try:
+        probe = configured(_PROBE_LAYERS)
+        if probe is None:
+            return None
+        count = 0
+        while any(n in names for w in probe.layer_weights(count) or () for n in _names(w)):
+            count += 1
+        if count == 0:
+            return None
+        module = configured(count)
+        placed: Dict[str, Position] = {}
+        required = []
+        for weight in module.pre_weights() + module.post_weights():
+            for name in _names(weight):
+                placed.setdefault(name, NON_LAYER)
+            required.append(weight)
+        for layer in range(count):
+            for weight in module.layer_weights(layer) or ():
+                for name in _names(weight):
+                    placed[name] = layer
+                required.append(weight)
+    except Exception:  # a definition that cannot be expanded without a real config
+        return None
+    absent = [w.name for w in required if not w.optional and not any(n in names for n in _names(w))]
+    return count, placed, absent
+
+
+def _architectures() -> Iterable[Tuple[str, object]]:
+    from mergekit.architecture.json_definitions import JSON_ARCHITECTURES
+
+    for arch in JSON_ARCHITECTURES:
+        for module_name, module_def in arch.modules.items():
+            yield f"{arch.architectures[0]}", module_def
+
+
+def infer_positions(names: Sequence[Optional[str]]) -> Tuple[Dict[str, Position], int]:
+    """name -> layer index or NON_LAYER, and the layer count, from mergekit's architecture
+    definitions; refuses unless exactly one placement covers every name."""
+    if any(name is None for name in names):
+        raise RecipeError(f"{METHOD_NAME} needs tensor names to place tensors in layers; {HOW_TO_MERGE}")
+    wanted = set(names)
+    found: Dict[Tuple, List[str]] = {}
+    closest: Tuple[int, List[str]] = (-1, [])
+    for arch_name, module_def in _architectures():
+        result = _placement(module_def, wanted)
+        if result is None:
+            continue
+        count, placed, absent = result
+        # every tensor placed, and a whole model: a partial state dict would miscount the layers
+        missing = sorted(wanted - set(placed)) or absent
+        if missing:
+            covered = len(wanted) - len(missing)
+            if covered > closest[0]:
+                closest = (covered, missing)
+            continue
+        key = (count, tuple(sorted((name, placed[name]) for name in wanted)))
+        found.setdefault(key, []).append(arch_name)
+    if not found:
+        if closest[0] < 0:
+            raise RecipeError(
+                f"{METHOD_NAME} cannot place tensor {sorted(wanted)[0]} in a decoder layer: no mergekit "
+                f"architecture definition matches these tensor names; {HOW_TO_MERGE}"
+            )
+        raise RecipeError(
+            f"{METHOD_NAME} cannot place tensor {closest[1][0]} in a decoder layer: the tensors are not the "
+            f"whole of any model mergekit's architecture definitions describe ({closest[1][0]} is not "
+            f"listed, or missing); {HOW_TO_MERGE}"
+        )
+    if len(found) > 1:
+        (first, first_archs), (second, second_archs) = list(found.items())[:2]
+        raise RecipeError(
+            f"{METHOD_NAME} cannot tell these tensors' layers apart: architectures {first_archs[0]} and "
+            f"{second_archs[0]} place them differently; {HOW_TO_MERGE}"
+        )
+    ((count, pairs),) = found.keys()
+    return dict(pairs), count
