@@ -52,20 +52,6 @@ class ModelsInfo:
         return names
 
 
-# element sizes by safetensors header name and by torch name (pickled checkpoints)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "FLOAT64": 8, "FLOAT32": 4, "BFLOAT16": 2, "FLOAT16": 2,
-               "INT64": 8, "INT32": 4, "INT16": 2, "INT8": 1, "UINT8": 1}
-
-
-def tensor_bytes(shape, dtype: str) -> int:
-    """Bytes of a stored tensor, from its header shape and dtype name."""
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * DTYPE_BYTES[dtype.upper().replace("TORCH.", "")]
-
-
 def _all_models(recipe: SwapRecipe) -> List[Any]:
     return recipe.models + ([recipe.base_model] if recipe.base_model is not None else [])
 
@@ -90,6 +76,9 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
     """Read every model's config.json and check they can be layer-swapped."""
     from mergekit.architecture import arch_info_for_config
 
+    from mergekit_layerswap.adapter.weight_files import check_distinct_models, check_weight_files
+
+    check_distinct_models(recipe)
     configs = {}
     archs = {}
     for model in _all_models(recipe):
@@ -135,13 +124,15 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
         )
     num_layers = counts[first]
     check_zone_fit(recipe.zones, num_layers)
+    for model in models:
+        check_weight_files(model)
     return ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
 
 
 def _safetensors_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
+    from mergekit_layerswap.adapter.weight_files import read_safetensors_header
+
+    header = read_safetensors_header(path)
     return {
         name: (tuple(entry["shape"]), entry["dtype"])
         for name, entry in header.items()
@@ -152,7 +143,13 @@ def _safetensors_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
 def _pickle_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     import torch
 
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:
+        raise RecipeError(
+            f"cannot read weight file {path} ({type(error).__name__}); the file is damaged or not a "
+            f"PyTorch checkpoint: re-download or re-save that model"
+        ) from None
     return {name: (tuple(t.shape), str(t.dtype)) for name, t in state.items()}
 
 
@@ -178,10 +175,14 @@ def find_stored(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str
     return next((n for n in names if n in stored), None)
 
 
-def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bool) -> None:
-    """Every tensor the output needs exists in every expert with matching shapes."""
+def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bool,
+                  dtype_configured: bool = True) -> None:
+    """Every tensor the output needs exists in every expert with matching shapes (and,
+    without ``dtype:``, the same floating dtypes)."""
     experts = recipe.models
     stored = {model: stored_tensors(model) for model in _all_models(recipe)}
+    if not dtype_configured:
+        _check_same_floating_dtypes(experts, stored)
     vocab_hint = (
         "add `tokenizer: {source: base}` (or `source: union`) so mergekit aligns the "
         "vocabularies before the swap"
@@ -217,6 +218,11 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
                 shapes[recipe.base_model] = stored[recipe.base_model][base_name][0]
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{m}: {list(s)}" for m, s in shapes.items())
+            if weight.vocabulary_axis is not None and _differ_beyond(shapes, weight.vocabulary_axis):
+                raise RecipeError(
+                    f"tensor shapes differ for {weight.name} ({listing}) in more than the vocabulary "
+                    f"size (e.g. the hidden size); experts must be fine-tunes of one base model"
+                )
             if weight.vocabulary_axis is not None:
                 if tokenizer_configured:
                     continue
@@ -225,3 +231,29 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
                 f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes "
                 f"of one base model"
             )
+
+
+def _differ_beyond(shapes: Dict[Any, Tuple[int, ...]], axis: int) -> bool:
+    """Whether shapes differ in rank or along any axis other than ``axis``."""
+    if len({len(shape) for shape in shapes.values()}) > 1:
+        return True
+    trimmed = {tuple(d for i, d in enumerate(shape) if i != axis % max(len(shape), 1)) for shape in shapes.values()}
+    return len(trimmed) > 1
+
+
+_FLOATING = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "FLOAT64", "FLOAT32", "FLOAT16", "BFLOAT16")
+
+
+def _check_same_floating_dtypes(experts, stored) -> None:
+    """Without ``dtype:`` mergekit keeps each tensor's stored dtype, so fp16 + fp32 experts
+    give an output whose tensors have mixed dtypes."""
+    kinds = {}
+    for model in experts:
+        names = {dtype.upper().replace("TORCH.", "") for _shape, dtype in stored[model].values()}
+        kinds[model] = sorted(n for n in names if n in _FLOATING)
+    if len({tuple(v) for v in kinds.values()}) > 1:
+        listing = ", ".join(f"{m}: {'/'.join(v) or 'none'}" for m, v in kinds.items())
+        raise RecipeError(
+            f"the experts store different floating dtypes ({listing}) and the recipe sets no dtype, "
+            f"so the output would mix them; add `dtype: bfloat16` (or float16 / float32) to the recipe"
+        )

@@ -33,6 +33,7 @@ every tensor); outputs are identical, which the tests check.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -84,8 +85,10 @@ def parse(config):
 def prepare(config, trust_remote_code: bool = False) -> SwapRun:
     """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
     from mergekit_layerswap.adapter.checks import read_models
+    from mergekit_layerswap.adapter.recipe_schema import check_dtypes
 
     recipe = parse(config)
+    check_dtypes(config)
     run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code))
     _RUNS[id(config)] = (config, run)
     return run
@@ -110,6 +113,19 @@ def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) ->
             run.magnitudes[expert.model] = magnitude(
                 expert.model, run.recipe.base_model, device=device, quiet=quiet
             )
+    _check_effective_weights(run)
+
+
+def _check_effective_weights(run: SwapRun) -> None:
+    """weight / m must stay usable (core/weights.py); a tiny m makes it huge."""
+    from mergekit_layerswap.core.weights import check_normalised, weight_values
+
+    effective = []
+    for expert in run.recipe.experts:
+        m = run.magnitudes[expert.model].mean_row_mav
+        values = weight_values(expert.weight) or []
+        effective.append((str(expert.model), [v / m if m > 0 else math.inf for v in values]))
+    check_normalised(effective, what="effective weight (weight / mean row change)")
 
 
 def describe_weights(run: SwapRun) -> str:
@@ -145,7 +161,8 @@ def _normalize_config(original):
         run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
         original(self)
-        check_tensors(run.recipe, run.info, tokenizer_configured=configured_tokenizer)
+        check_tensors(run.recipe, run.info, tokenizer_configured=configured_tokenizer,
+                      dtype_configured=self.config.dtype is not None)
         run.integers = trust.integer_tensors(run.recipe.models)
         trust.check_blended_integers(run.recipe, run.info, run.integers)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"

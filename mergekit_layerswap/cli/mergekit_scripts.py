@@ -1,6 +1,11 @@
 """mergekit's own commands (``mergekit-yaml``, ``mergekit-multi``) with layer_swap recipes:
 this package's errors reach the user as one ``Error:`` line, exit status 1, no traceback.
 
+A recipe file whose text says ``merge_method: layer_swap`` is first read and checked by
+this package (``adapter/recipe_schema.py``: unknown keys, nulls, broken YAML, mergekit's
+own schema errors), before mergekit's callback opens it or creates any directory; other
+files reach mergekit untouched.
+
 mergekit's click commands print only click exceptions that way; library code here
 raises ``LayerSwapError``, so the command's callback is wrapped once, when its module
 loads (see ``adapter/registration.py``). Other exceptions pass through untouched.
@@ -21,7 +26,24 @@ def as_click_error(error: LayerSwapError) -> click.ClickException:
     return click.ClickException(str(error))
 
 
-def translating(callback):
+def _check_recipe_file(script_name: str, config_file) -> None:
+    """Check a layer_swap recipe file before mergekit reads it (other files: nothing)."""
+    from mergekit_layerswap.adapter.recipe_schema import read_multi_recipe_text, read_recipe_text
+
+    if not isinstance(config_file, str):
+        return
+    try:
+        with open(config_file, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError):
+        return  # mergekit reports it as it always has
+    if script_name.endswith("multimerge"):
+        read_multi_recipe_text(text, config_file)
+    else:
+        read_recipe_text(text, config_file)
+
+
+def translating(callback, script_name: str = ""):
     """``callback`` with LayerSwapError turned into the matching click exception."""
     if getattr(callback, "__layerswap_original__", None) is not None:
         return callback
@@ -29,6 +51,8 @@ def translating(callback):
     @functools.wraps(callback)
     def run(*args, **kwargs):
         try:
+            if script_name:
+                _check_recipe_file(script_name, kwargs.get("config_file"))
             return callback(*args, **kwargs)
         except LayerSwapError as error:
             raise as_click_error(error) from None
@@ -40,4 +64,4 @@ def translating(callback):
 def on_script(script_module) -> None:
     command = getattr(script_module, "main", None)
     if isinstance(command, click.Command) and command.callback is not None:
-        command.callback = translating(command.callback)
+        command.callback = translating(command.callback, script_module.__name__)

@@ -89,15 +89,9 @@ def _numbers_in(setting: Any) -> Optional[List[Any]]:
 
 
 def _check_weight(setting: Any, where: str) -> None:
-    values = _numbers_in(setting)
-    bad = values is None or any(
-        isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 for v in values
-    )
-    if bad:
-        raise RecipeError(
-            f"weight of {where} must be a positive number (or a gradient/filter list of "
-            f"positive numbers); got {setting!r}"
-        )
+    from mergekit_layerswap.core.weights import check_weight
+
+    check_weight(setting, where)
 
 
 def _check_shared(name: str, setting: Any) -> Any:
@@ -201,6 +195,9 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
         _check_weight(weight, where)
         experts.append(Expert(model=model_in.model, role=role, weight=weight))
 
+    from mergekit_layerswap.core.weights import check_normalised, weight_values
+
+    check_normalised([(f"models[{i}] ({e.model})", weight_values(e.weight)) for i, e in enumerate(experts)])
     for role in ROLES:
         if not any(e.role == role for e in experts):
             raise RecipeError(
