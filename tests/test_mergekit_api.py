@@ -43,7 +43,8 @@ def test_adapted_functions_are_in_place():
     for owner, name in [(mergekit.merge, "get_architecture_info"), (mergekit.merge, "_model_out_config"),
                         (mergekit.merge, "_get_donor_model"), (mergekit.merge, "generate_card"),
                         (mergekit.card, "is_hf"), (mergekit.plan.MergePlanner, "normalize_config"),
-                        (mergekit.plan.MergePlanner, "plan_layer"), (mergekit.plan.MergePlanner, "plan_tensor")]:
+                        (mergekit.plan.MergePlanner, "plan_layer"), (mergekit.plan.MergePlanner, "plan_tensor"),
+                        (mergekit.plan.MergePlanner, "plan_to_disk")]:
         assert getattr(getattr(owner, name), "__layerswap_original__", None) is not None, name
 
 

@@ -16,6 +16,8 @@ for ``merge_method: layer_swap`` recipes and nothing for any other method:
 * ``MergePlanner.plan_tensor`` - mergekit's own planning of one tensor, given only
   the experts whose role this tensor needs (never ``base_model``), plus the layer
   position and magnitude statistics as kernel parameters;
+* ``MergePlanner.plan_to_disk`` - integer tensors (never averaged) are saved in their own
+  dtype, not ``out_dtype`` (a no-op when the experts store none);
 * ``mergekit.merge._model_out_config`` / ``_get_donor_model`` - the output's
   config.json, tokenizer and generation config come from the recipe's first language
   expert instead of an arbitrary (hash-ordered) model;
