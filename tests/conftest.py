@@ -11,6 +11,7 @@ from helpers import Family  # noqa: E402
 # the Hub is never needed: every model in these tests is a local directory
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's local tasks load JSONL through datasets
 
 
 @pytest.fixture(scope="session", autouse=True)

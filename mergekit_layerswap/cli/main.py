@@ -21,6 +21,7 @@ COMMANDS = {
     "suggest": "mergekit_layerswap.cli.analyze:suggest_command",
     "demo": "mergekit_layerswap.cli.demo:demo_command",
     "sweep": "mergekit_layerswap.cli.sweep:sweep_command",
+    "data": "mergekit_layerswap.cli.data:data_group",
 }
 HELP = {
     "explain": "Dry run: validate a recipe and show where every layer comes from.",
@@ -28,6 +29,7 @@ HELP = {
     "suggest": "Propose bottom/top/transition sizes from two experts' changes.",
     "demo": "Build small real experts (SmolLM2-135M) and layer-swap them, offline.",
     "sweep": "Merge and evaluate a grid of swap configurations.",
+    "data": "Write offline evaluation data (MGSM-format problems and lm-eval tasks).",
 }
 
 
