@@ -76,7 +76,7 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
     """Read every model's config.json and check they can be layer-swapped."""
     from mergekit.architecture import arch_info_for_config
 
-    from mergekit_layerswap.adapter.weight_files import check_distinct_models, check_weight_files
+    from mergekit_layerswap.adapter.weight_files import check_distinct_models
 
     check_distinct_models(recipe)
     configs = {}
@@ -124,9 +124,16 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
         )
     num_layers = counts[first]
     check_zone_fit(recipe.zones, num_layers)
-    for model in models:
-        check_weight_files(model)
     return ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
+
+
+def check_model_files(recipe: SwapRecipe) -> None:
+    """Every local model's weight files are complete and safe to open (headers only);
+    run before a merge's loader opens them (``explain`` reads configs only)."""
+    from mergekit_layerswap.adapter.weight_files import check_weight_files
+
+    for model in _all_models(recipe):
+        check_weight_files(model)
 
 
 def _safetensors_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:

@@ -7,8 +7,8 @@ import hook when ``mergekit.merge`` and ``mergekit.plan`` load, changes exactly 
 for ``merge_method: layer_swap`` recipes and nothing for any other method:
 
 * ``mergekit.merge.get_architecture_info`` - first thing ``run_merge`` does: the
-  recipe is validated (structure, configs, layer counts) before any download, LoRA
-  merge or output file;
+  recipe is validated (structure, configs, layer counts, weight file headers) before
+  any download, LoRA merge or output file;
 * ``MergePlanner.normalize_config`` - tensor headers are checked and the magnitude
   statistics are computed (streaming, cached), still before anything is written;
 * ``MergePlanner.plan_layer`` - records the decoder-layer index mergekit is planning
@@ -317,7 +317,11 @@ def _validating_architecture_info(original):
     def get_architecture_info(config, options):
         if not is_layer_swap(config):
             return original(config, options)
-        return prepare(config, options.trust_remote_code).info.arch_info
+        from mergekit_layerswap.adapter.checks import check_model_files
+
+        run = prepare(config, options.trust_remote_code)
+        check_model_files(run.recipe)  # before mergekit's loader warm-up opens them
+        return run.info.arch_info
 
     return get_architecture_info
 

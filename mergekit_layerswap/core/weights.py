@@ -54,7 +54,7 @@ def weight_values(setting: Any) -> Optional[List[float]]:
 
 def check_weight(setting: Any, where: str) -> List[float]:
     """The values of one weight setting; refused unless each is a finite positive number
-    in the range float32 arithmetic can use."""
+    (the range float32 arithmetic can use is checked with all weights: check_normalised)."""
     values = weight_values(setting)
     if values is None or any(not v > 0 for v in values):
         raise RecipeError(
@@ -64,12 +64,6 @@ def check_weight(setting: Any, where: str) -> List[float]:
     for value in values:
         if not math.isfinite(value):
             raise RecipeError(f"weight of {where} is {value!r}; a weight must be a finite positive number, e.g. 1.0")
-        if not SMALLEST_WEIGHT <= value <= LARGEST_WEIGHT:
-            raise RecipeError(
-                f"weight of {where} is {value!r}, outside {SMALLEST_WEIGHT:g} .. {LARGEST_WEIGHT:g}; "
-                f"weights are relative and the merge multiplies float32 tensors by them, so rescale "
-                f"every weight (e.g. to around 1.0)"
-            )
     return values
 
 
@@ -83,8 +77,9 @@ def check_normalised(weights: Sequence[Tuple[str, Sequence[float]]], what: str =
         for value in values:
             if not (math.isfinite(value) and SMALLEST_WEIGHT <= value <= LARGEST_WEIGHT):
                 raise RecipeError(
-                    f"{what} of {where} is {value!r}; it must be a finite number between "
-                    f"{SMALLEST_WEIGHT:g} and {LARGEST_WEIGHT:g} for the float32 merge; rescale the weights"
+                    f"{what} of {where} is {value!r}, outside {SMALLEST_WEIGHT:g} .. {LARGEST_WEIGHT:g}; "
+                    f"weights are relative and the merge multiplies float32 tensors by them, so rescale "
+                    f"every weight (e.g. to around 1.0)"
                 )
     largest = [max(values) for _, values in weights]
     total = sum(largest)
