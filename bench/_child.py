@@ -2,11 +2,13 @@
 
     python bench/_child.py merge REPORT.json <mergekit-yaml arguments...>
     python bench/_child.py copy  REPORT.json SRC_DIR DST_DIR
+    python bench/_child.py read  REPORT.json DIR...
 
 ``merge`` imports ``mergekit.scripts.run_yaml`` (which is all the ``mergekit-yaml``
 console script does, so the .pth hook and every import are the same as for the real
 command), takes a timestamp, and calls its ``main``; ``copy`` copies a model's
-``*.safetensors`` files with ``shutil.copyfile``. REPORT.json receives the seconds spent
+``*.safetensors`` files with ``shutil.copyfile``; ``read`` reads every ``*.safetensors``
+file of the given models once (what the cold magnitude pass must read). REPORT.json receives the seconds spent
 before the job (interpreter start-up is not included: it is before this file runs),
 the seconds of the job itself, and VmHWM / RssAnon from /proc/self/status at the end.
 """
@@ -23,16 +25,31 @@ mode, report_path, args = sys.argv[1], sys.argv[2], sys.argv[3:]
 if mode == "merge":
     from mergekit.scripts.run_yaml import main
 
+    with open("/proc/self/status") as handle:
+        after_imports = {line.split(":")[0] + "_after_imports_kB": int(line.split()[1])
+                         for line in handle if line.startswith("RssAnon:")}
     t0 = time.perf_counter()
     main(args, standalone_mode=False)
     t1 = time.perf_counter()
 elif mode == "copy":
+    after_imports = {}
     src, dst = args
     os.makedirs(dst, exist_ok=True)
     t0 = time.perf_counter()
     for name in sorted(os.listdir(src)):
         if name.endswith(".safetensors"):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    t1 = time.perf_counter()
+elif mode == "read":
+    after_imports = {}
+    t0 = time.perf_counter()
+    buffer = bytearray(16 << 20)
+    for src in args:
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".safetensors"):
+                with open(os.path.join(src, name), "rb", buffering=0) as handle:
+                    while handle.readinto(buffer):
+                        pass
     t1 = time.perf_counter()
 else:
     raise SystemExit(f"unknown mode {mode}")
@@ -44,4 +61,4 @@ with open("/proc/self/status") as handle:
         if key in ("VmHWM", "RssAnon", "RssFile"):
             status[key + "_kB"] = int(value.split()[0])
 with open(report_path, "w") as handle:
-    json.dump({"imports_s": t0 - t_start, "job_s": t1 - t0, **status}, handle)
+    json.dump({"imports_s": t0 - t_start, "job_s": t1 - t0, **status, **after_imports}, handle)

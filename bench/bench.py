@@ -1,28 +1,34 @@
 #!/usr/bin/env python
-"""Benchmark layer_swap against what users do today (issue 5). Not a test.
+"""Benchmark layer_swap against what users do today (issues 5 and 14). Not a test.
 
     python bench/bench.py --shape 1b --repeats 3          # generates bench/data/1b once
     python bench/bench.py --shape 3b --repeats 2 --json bench/results/3b.json
+    python bench/bench.py --shape 8b --layers 16 --repeats 1 --no-check --clean
+    python bench/bench.py --shape 70b --layers 2 --repeats 1 --no-check --clean
     python bench/bench.py --hook-only                     # only the start-up hook timing
-    python bench/bench.py --shape 1b --clean              # delete bench/data/1b afterwards
 
-Models: a base and two experts (base + small noise) with a real Llama shape, written
-as sharded bf16 safetensors with an HF index and a LlamaForCausalLM config.json,
-tensor by tensor with torch (no transformers model is built).
+Models: a base and two experts (base + small noise) with a real Llama shape (its widths;
+``--layers`` changes only the number of decoder layers, so every tensor keeps its real
+size while the models fit a small disk), written as sharded bf16 safetensors with an HF
+index and a LlamaForCausalLM config.json, tensor by tensor with torch.
 
 Jobs, each a separate process, repeated in a rotating order, every input file (and
 every earlier output) evicted from the page cache before each job:
-  a       mergekit-yaml, layer_swap b=5,u=2,t_b=1,t_u=1, non_layer: language, uniform
+  a       mergekit-yaml, the default layer_swap recipe: b=5,u=2,t_b=1,t_u=1 (with fewer
+          than 9 layers: every layer a transition layer), non_layer: average, uniform
   b       mergekit-yaml, the hand-written `merge_method: linear` + `slices:` recipe
-          for the same swap (checked tensor by tensor against a)
+          for the same swap (its layer tensors checked against a's; it cannot average
+          the non-layer tensors: they come from the language expert)
   c       copying one expert's safetensors files (the I/O floor)
+  r       reading base and both experts once (what the cold magnitude pass must read)
   d_cold  a with `weighting: magnitude` (base_model set), magnitude cache emptied
   d_warm  the same right after d_cold, statistics from the cache
 Measured per job: wall time of the whole process, job time without interpreter
 start-up and imports (bench/_child.py), peak anonymous RSS (RssAnon sampled every
-10 ms from /proc/PID/status) and peak RSS (VmHWM, which includes mmapped file pages),
-and bytes read (resident pages of the input files after the job, by `fincore`,
-against the bytes the output needs).
+10 ms from /proc/PID/status), RssAnon right after the imports, peak RSS (VmHWM, which
+includes mmapped file pages), the memory ratio (peak RssAnon - RssAnon after imports -
+--out-shard-size) / largest output tensor (bf16), and bytes read (resident pages of the
+input files after the job, by `fincore`, against the bytes the job needs).
 """
 
 from __future__ import annotations
@@ -50,12 +56,17 @@ SHAPES = {
     "1b": dict(layers=16, hidden=2048, intermediate=8192, heads=32, kv_heads=8, vocab=128256, tied=True),
     "3b": dict(layers=28, hidden=3072, intermediate=8192, heads=24, kv_heads=8, vocab=128256, tied=True),
     "8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, tied=False),
+    "70b": dict(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256, tied=False),
     "tiny": dict(layers=16, hidden=256, intermediate=512, heads=4, kv_heads=2, vocab=1024, tied=True),  # smoke test
 }
 ZONES = dict(bottom_layers=5, top_layers=2, bottom_transition=1, top_transition=1)
+# with fewer layers than the zones need (--layers 2 at 70B widths): every layer is a
+# transition layer, so every tensor is averaged (the worst case for memory and time)
+FEW_LAYER_ZONES = dict(bottom_layers=0, top_layers=0, bottom_transition=1, top_transition=1)
 NOISE = {"task": 1e-3, "lang": 2e-3}  # std of expert - base; base weights have std 0.02
 OUT_SHARD = "500M"
-JOBS = ("a", "b", "c", "d_cold", "d_warm")
+OUT_SHARD_BYTES = 500 * 1000 * 1000  # mergekit reads "500M" as 500e6 bytes
+JOBS = ("a", "b", "c", "r", "d_cold", "d_warm")
 
 
 # ----------------------------------------------------------------- model files
@@ -124,19 +135,18 @@ def model_dirs(data):
     return {m: os.path.join(data, m) for m in ("base", "task", "lang")}
 
 
-def generate(shape, data, shard_bytes):
+def generate(shape, s, data, shard_bytes):
     """Write base, task and lang once; a marker file says the set is complete."""
     import torch
     from safetensors.torch import save_file
 
-    s = SHAPES[shape]
     specs = tensor_specs(s)
     marker = os.path.join(data, "complete.json")
     want = {"shape": s, "noise": NOISE, "shard_bytes": shard_bytes}
     if os.path.exists(marker) and json.load(open(marker)) == want:
         return
     total = sum(numel(shape) * 2 for _, shape in specs)
-    need = 5 * total + 2 * (1 << 30)  # 3 inputs + 2 merge outputs alive at once
+    need = 4 * total + 2 * (1 << 30)  # 3 inputs + one merge output alive at once
     free = shutil.disk_usage(os.path.dirname(data) if not os.path.exists(data) else data).free
     if free < need:
         raise SystemExit(f"{shape}: needs {need / 1e9:.1f} GB free under {data}, have {free / 1e9:.1f} GB")
@@ -187,10 +197,15 @@ def generate(shape, data, shard_bytes):
 
 
 # ----------------------------------------------------------------- recipes
+def zones_for(L):
+    return ZONES if L >= 9 else FEW_LAYER_ZONES
+
+
 def layer_role(layer, L):
     """Algorithm 1 (AND form): 'lang', 'task' or 'blend'. Written out again here so the
     bench does not trust the package it measures."""
-    b, u, tb, tu = (ZONES[k] for k in ("bottom_layers", "top_layers", "bottom_transition", "top_transition"))
+    zones = zones_for(L)
+    b, u, tb, tu = (zones[k] for k in ("bottom_layers", "top_layers", "bottom_transition", "top_transition"))
     if layer < b or layer > L - 1 - u:
         return "lang"
     if b - 1 + tb < layer < L - u - tu:
@@ -204,7 +219,8 @@ def recipes(data, L):
         "merge_method": "layer_swap",
         "models": [{"model": d["task"], "parameters": {"role": "task"}},
                    {"model": d["lang"], "parameters": {"role": "language"}}],
-        "parameters": {**ZONES, "weighting": "uniform", "non_layer": "language"},
+        # the default recipe: non_layer (average) and weighting (uniform) left at their defaults
+        "parameters": dict(zones_for(L)),
         "dtype": "bfloat16",
     }
     magnitude = json.loads(json.dumps(swap))
@@ -278,16 +294,18 @@ def stored_bytes(model_dir):
 
 
 def needed_bytes(data, L):
-    """Bytes of input tensors each job must read (non_layer: language)."""
+    """Bytes of input tensors each job must read: a and d average the non-layer tensors
+    (non_layer: average), b takes them from the language expert (first and last slice)."""
     d = model_dirs(data)
     sizes = {m: stored_bytes(d[m]) for m in d}
-    swap = 0
+    swap = linear = 0
     for name, nbytes in sizes["lang"].items():
         match = re.match(r"model\.layers\.(\d+)\.", name)
-        role = layer_role(int(match.group(1)), L) if match else "lang"
-        swap += nbytes * (2 if role == "blend" else 1)  # experts have equal shapes
+        role = layer_role(int(match.group(1)), L) if match else None
+        swap += nbytes * (1 if role in ("lang", "task") else 2)  # experts have equal shapes
+        linear += nbytes * (2 if role == "blend" else 1)
     every = {m: sum(v.values()) for m, v in sizes.items()}
-    return {"a": swap, "b": swap, "c": every["lang"], "d_warm": swap,
+    return {"a": swap, "b": linear, "c": every["lang"], "d_warm": swap, "r": sum(every.values()),
             # the cold magnitude pass reads all of both experts and the base
             "d_cold": sum(every.values())}
 
@@ -337,13 +355,15 @@ def run_job(argv, env, log_path):
         "job_s": child["job_s"],
         "imports_s": child["imports_s"],
         "rss_anon_peak_mb": sampler.peak_kb / 1024,
+        "rss_anon_after_imports_mb": child.get("RssAnon_after_imports_kB", 0) / 1024,
         "vmhwm_mb": child["VmHWM_kB"] / 1024,
     }
 
 
-def compare_outputs(dir_a, dir_b, lang_dir):
-    """Tensor-by-tensor check that the layer_swap output equals the linear+slices one,
-    and that the non-layer tensors are the language expert's."""
+def compare_outputs(dir_a, dir_b, lang_dir, task_dir):
+    """Tensor-by-tensor check that the layer tensors of the layer_swap output equal the
+    linear+slices ones; the non-layer tensors of a must be the experts' average (checked
+    on the first 4096 rows, computed here in float32), those of b the language expert's."""
     import torch
     from safetensors import safe_open
 
@@ -360,11 +380,17 @@ def compare_outputs(dir_a, dir_b, lang_dir):
         with safe_open(ref[0], framework="pt") as st:
             return st.get_tensor(ref[1])
 
-    A, B, LANG = load_all(dir_a), load_all(dir_b), load_all(lang_dir)
+    A, B, LANG, TASK = load_all(dir_a), load_all(dir_b), load_all(lang_dir), load_all(task_dir)
     result = {"same_names": sorted(A) == sorted(B), "only_a": sorted(set(A) - set(B)),
               "only_b": sorted(set(B) - set(A)), "equal": 0, "allclose": 0, "different": [],
               "max_abs_diff": 0.0}
-    for name in sorted(set(A) & set(B)):
+    non_layer = [n for n in B if not n.startswith("model.layers.")]
+    result["non_layer_of_a_is_average"] = {}
+    for n in non_layer:
+        x = get(A[n])[:4096]
+        expected = ((get(LANG[n])[:4096].float() + get(TASK[n])[:4096].float()) / 2).to(x.dtype)
+        result["non_layer_of_a_is_average"][n] = bool(torch.equal(x, expected))
+    for name in sorted((set(A) & set(B)) - set(non_layer)):
         x, y = get(A[name]), get(B[name])
         if x.dtype == y.dtype and torch.equal(x, y):
             result["equal"] += 1
@@ -373,7 +399,6 @@ def compare_outputs(dir_a, dir_b, lang_dir):
             result["max_abs_diff"] = max(result["max_abs_diff"], float((x.float() - y.float()).abs().max()))
         else:
             result["different"].append(name)
-    non_layer = [n for n in B if not n.startswith("model.layers.")]
     result["non_layer_is_language_expert"] = {
         n: bool(torch.equal(get(B[n]), get(LANG[n]))) for n in non_layer if n in LANG}
     return result
@@ -453,18 +478,38 @@ def summarize(runs):
     return {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
 
 
+def memory_ratio(row, largest_bytes):
+    """(peak RssAnon - RssAnon after imports - out shard size) / largest output tensor."""
+    extra = (row["rss_anon_peak_mb"] - row["rss_anon_after_imports_mb"]) * MB - OUT_SHARD_BYTES
+    return extra / largest_bytes
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="1b")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own); the widths, "
+                    "hence every tensor's size, stay the shape's, so a wide shape fits a small disk")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", help="results file (default bench/results/<shape>.json)")
+    ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)}")
+    ap.add_argument("--json", help="results file (default bench/results/<shape>[-L<layers>].json)")
     ap.add_argument("--data", default=os.path.join(HERE, "data"), help="generated models (git-ignored)")
     ap.add_argument("--shard-size", type=float, default=2.0, help="input shard size in GB (default 2)")
     ap.add_argument("--clean", action="store_true", help="delete this shape's generated models at the end")
+    ap.add_argument("--no-check", action="store_true", help="skip the a-vs-b output check (saves one "
+                    "output's disk space: every output is deleted right after its job)")
+    ap.add_argument("--generate-only", action="store_true", help="only generate the models")
     ap.add_argument("--no-hook", action="store_true", help="skip the start-up hook timing")
     ap.add_argument("--hook-only", action="store_true", help="only time the start-up hook")
     opts = ap.parse_args()
-    json_path = opts.json or os.path.join(HERE, "results", f"{opts.shape}.json")
+    shape = dict(SHAPES[opts.shape])
+    label = opts.shape
+    if opts.layers and opts.layers != shape["layers"]:
+        shape["layers"] = opts.layers
+        label = f"{opts.shape}-L{opts.layers}"
+    jobs = [j for j in JOBS if j in opts.jobs.split(",")]
+    if "d_warm" in jobs and "d_cold" not in jobs:
+        raise SystemExit("d_warm needs d_cold (it uses the cache d_cold fills)")
+    json_path = opts.json or os.path.join(HERE, "results", f"{label}.json")
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     os.makedirs(opts.data, exist_ok=True)
     machine = {
@@ -477,12 +522,15 @@ def main():
         json.dump({"machine": machine, "hook": hook}, open(json_path, "w"), indent=2)
         return
 
-    data = os.path.join(opts.data, opts.shape)
-    generate(opts.shape, data, int(opts.shard_size * 1e9))
-    L = SHAPES[opts.shape]["layers"]
+    data = os.path.join(opts.data, label)
+    generate(label, shape, data, int(opts.shard_size * 1e9))
+    if opts.generate_only:
+        return
+    L = shape["layers"]
     dirs = model_dirs(data)
     inputs = files_under(*dirs.values())
     needed = needed_bytes(data, L)
+    largest = max(numel(s) for _, s in tensor_specs(shape)) * 2  # bf16 output
     outdir = os.path.join(data, "out")
     cache = os.path.join(data, "magnitude-cache")
     recipe_paths = {}
@@ -497,12 +545,16 @@ def main():
         out = os.path.join(outdir, job)
         if job == "c":
             return ["copy", dirs["lang"], out]
+        if job == "r":
+            return ["read", dirs["base"], dirs["task"], dirs["lang"]]
         recipe = recipe_paths["d" if job.startswith("d") else job]
         return ["merge", recipe, out, "--out-shard-size", OUT_SHARD]
 
-    groups = [["a"], ["b"], ["c"], ["d_cold", "d_warm"]]  # d_warm uses d_cold's cache
-    results = {job: [] for job in JOBS}
+    groups = [[j] for j in ("a", "b", "c", "r") if j in jobs] + ([[j for j in ("d_cold", "d_warm") if j in jobs]]
+                                                             if "d_cold" in jobs else [])
+    results = {job: [] for job in jobs}
     check = None
+    want_check = not opts.no_check and "a" in jobs and "b" in jobs
     for rep in range(opts.repeats):
         shutil.rmtree(outdir, ignore_errors=True)
         k = rep % len(groups)
@@ -518,48 +570,57 @@ def main():
             row["read_bytes"] = resident_bytes(inputs) - before
             row["resident_before"] = before
             row["read_over_needed"] = row["read_bytes"] / needed[job]
+            if job not in ("c", "r"):
+                row["memory_ratio"] = memory_ratio(row, largest)
             results[job].append(row)
             print(f"repeat {rep + 1}/{opts.repeats} {job:7s} wall {row['wall_s']:6.1f} s  job "
-                  f"{row['job_s']:6.1f} s  RssAnon {row['rss_anon_peak_mb']:6.0f} MB  VmHWM "
-                  f"{row['vmhwm_mb']:6.0f} MB  read {row['read_bytes'] / 1e9:5.2f} GB "
-                  f"({row['read_over_needed']:.3f} x needed)", flush=True)
-        if check is None:
-            check = compare_outputs(os.path.join(outdir, "a"), os.path.join(outdir, "b"), dirs["lang"])
-            print("a vs b:", json.dumps({k: v for k, v in check.items() if k != "non_layer_is_language_expert"}),
-                  "non-layer of b == language expert:", check["non_layer_is_language_expert"], flush=True)
+                  f"{row['job_s']:6.1f} s  RssAnon {row['rss_anon_peak_mb']:6.0f} MB (after imports "
+                  f"{row['rss_anon_after_imports_mb']:4.0f})  VmHWM {row['vmhwm_mb']:6.0f} MB  read "
+                  f"{row['read_bytes'] / 1e9:5.2f} GB ({row['read_over_needed']:.3f} x needed)"
+                  + (f"  memory ratio {row['memory_ratio']:.2f}" if "memory_ratio" in row else ""), flush=True)
+            if check is None and want_check and all(os.path.exists(os.path.join(outdir, j)) for j in "ab"):
+                check = compare_outputs(os.path.join(outdir, "a"), os.path.join(outdir, "b"), dirs["lang"],
+                                        dirs["task"])
+                print("a vs b:", json.dumps({k: v for k, v in check.items() if k != "non_layer_is_language_expert"}),
+                      "non-layer of b == language expert:", check["non_layer_is_language_expert"], flush=True)
+            if not (want_check and check is None and job in "ab"):
+                shutil.rmtree(os.path.join(outdir, job), ignore_errors=True)  # disk: one output at a time
+        shutil.rmtree(outdir, ignore_errors=True)
     shutil.rmtree(outdir, ignore_errors=True)
 
     med = {job: summarize(rows) for job, rows in results.items()}
-    ratios = {
-        "a/b wall": med["a"]["wall_s"] / med["b"]["wall_s"],
-        "a/b job": med["a"]["job_s"] / med["b"]["job_s"],
-        "a/c job": med["a"]["job_s"] / med["c"]["job_s"],
-        "d_warm/a job": med["d_warm"]["job_s"] / med["a"]["job_s"],
-        "d_cold/a job": med["d_cold"]["job_s"] / med["a"]["job_s"],
-        "d_warm/a wall": med["d_warm"]["wall_s"] / med["a"]["wall_s"],
-        "d_cold/a wall": med["d_cold"]["wall_s"] / med["a"]["wall_s"],
-    }
+    ratios = {}
+    for x, y in (("a", "b"), ("a", "c"), ("b", "c"), ("d_cold", "a"), ("d_warm", "a")):
+        if x in med and y in med:
+            ratios[f"{x}/{y} job"] = med[x]["job_s"] / med[y]["job_s"]
+            ratios[f"{x}/{y} wall"] = med[x]["wall_s"] / med[y]["wall_s"]
+    if "d_cold" in med and "d_warm" in med and "r" in med:
+        # the magnitude pass alone (cold job minus the same merge from the cache) against
+        # reading the files it reads (base and both experts) once
+        ratios["magnitude pass / reading its inputs"] = (med["d_cold"]["job_s"] - med["d_warm"]["job_s"]) / med["r"]["job_s"]
     model_bytes = sum(stored_bytes(dirs["lang"]).values())
-    print(f"\nshape {opts.shape}: {L} layers, {model_bytes / 1e9:.2f} GB per model, medians of "
-          f"{opts.repeats} repeats, --out-shard-size {OUT_SHARD}")
-    print(f"{'job':8s} {'wall s':>7s} {'job s':>7s} {'imp. s':>7s} {'RssAnon MB':>10s} {'VmHWM MB':>9s} "
-          f"{'read GB':>8s} {'need GB':>8s} {'read/need':>9s}")
-    for job in JOBS:
+    print(f"\nshape {label}: {L} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
+          f"{model_bytes / 1e9:.2f} GB per model, largest output tensor {largest / 1e6:.0f} MB (bf16), "
+          f"medians of {opts.repeats} repeats, --out-shard-size {OUT_SHARD}")
+    print(f"{'job':8s} {'wall s':>7s} {'job s':>7s} {'imp. s':>7s} {'RssAnon MB':>10s} {'imp. MB':>8s} "
+          f"{'mem ratio':>9s} {'VmHWM MB':>9s} {'read GB':>8s} {'need GB':>8s} {'read/need':>9s}")
+    for job in jobs:
         m = med[job]
+        mem = f"{m['memory_ratio']:9.2f}" if "memory_ratio" in m else f"{'':9s}"
         print(f"{job:8s} {m['wall_s']:7.1f} {m['job_s']:7.1f} {m['imports_s']:7.1f} "
-              f"{m['rss_anon_peak_mb']:10.0f} {m['vmhwm_mb']:9.0f} {m['read_bytes'] / 1e9:8.2f} "
-              f"{needed[job] / 1e9:8.2f} {m['read_over_needed']:9.3f}")
+              f"{m['rss_anon_peak_mb']:10.0f} {m['rss_anon_after_imports_mb']:8.0f} {mem} {m['vmhwm_mb']:9.0f} "
+              f"{m['read_bytes'] / 1e9:8.2f} {needed[job] / 1e9:8.2f} {m['read_over_needed']:9.3f}")
     for name, value in ratios.items():
-        print(f"{name:14s} {value:.3f}")
+        print(f"{name:30s} {value:.3f}")
 
     hook = None if opts.no_hook else hook_bench(opts.data)
     if hook:
         print(f"start-up hook: python -c pass {hook['pass_ms_without_hook_median']:.1f} ms without, "
               f"{hook['pass_ms_with_hook_median']:.1f} ms with: +{hook['pass_ms_added_median']:.1f} ms (median)")
     out = {
-        "shape": opts.shape, "config": SHAPES[opts.shape], "zones": ZONES, "repeats": opts.repeats,
-        "out_shard_size": OUT_SHARD, "model_bytes": model_bytes, "needed_bytes": needed,
-        "machine": machine, "median": med, "ratios": ratios, "runs": results,
+        "shape": label, "config": shape, "zones": zones_for(L), "repeats": opts.repeats,
+        "out_shard_size": OUT_SHARD, "model_bytes": model_bytes, "largest_output_tensor_bytes": largest,
+        "needed_bytes": needed, "machine": machine, "median": med, "ratios": ratios, "runs": results,
         "a_vs_b": check, "hook": hook,
         "recipes": {k: open(p).read() for k, p in recipe_paths.items()},
     }

@@ -77,7 +77,7 @@ def test_magnitude_statistics_are_cached(families, tmp_path, monkeypatch):
     recipe = swap_recipe(fam, base=True, weighting="magnitude", **ZONED)
     first = merge(tmp_path / "a", recipe) if not (tmp_path / "a").mkdir() else None
     calls = []
-    monkeypatch.setattr(magnitude, "compute_magnitude", lambda *a, **k: calls.append(a) or 1 / 0)
+    monkeypatch.setattr(magnitude, "compute_magnitudes", lambda *a, **k: calls.append(a) or 1 / 0)
     (tmp_path / "b").mkdir()
     second = merge(tmp_path / "b", recipe)  # from the cache: compute_magnitude is not called
     assert calls == []

@@ -240,7 +240,7 @@ def test_magnitude_soup_blends_every_tensor_alike():
 
 def test_magnitude_soup_kernel_equals_linear_with_inverse_magnitude_weights():
     import torch
-    from mergekit_layerswap.adapter.kernel import mix_roles
+    from mergekit_layerswap.adapter.mixing import mix_roles
 
     task, lang = torch.randn(3, 4), torch.randn(3, 4)
     m_task, m_lang = 2.0e-5, 9.0e-4

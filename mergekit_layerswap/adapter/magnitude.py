@@ -6,11 +6,18 @@ skipped) the row value is ``mean |expert - base|`` over that row, in float32 fro
 stored values (a 1-D tensor is one row). An expert's statistic ``m`` is the mean of the
 row values over all rows; ``weighting: magnitude`` gives it the weight ``weight / m``.
 
-Only one tensor of each model is in memory at a time. Results are cached on disk,
-keyed by both models' identity (path or hub id, revision, and the size and
-modification time of every weight file), so a second merge with the same experts
-(a sweep over zone sizes, say) reads nothing. ``MERGEKIT_LAYERSWAP_NO_CACHE=1`` turns
-the cache off; ``MERGEKIT_LAYERSWAP_CACHE`` moves it.
+All experts are measured in one pass over the base (``magnitudes``): each base tensor is
+read once and compared with every expert's, so every file is read once. Only one tensor
+of each model is in memory at a time. A NaN or infinity in any tensor that enters the
+statistic is refused, naming the model and the tensor.
+
+Results are cached on disk, keyed by both models' identity (path or hub id, revision,
+and the size, modification time, inode, change time and device of every weight file;
+``utime`` can set a file's mtime back, never its ctime), so a second merge with the same
+experts (a sweep over zone sizes, say) reads nothing. A cache entry that cannot be read,
+is not valid JSON or holds a value that is not finite and positive is recomputed with a
+warning; a cache that cannot be written only costs a warning.
+``MERGEKIT_LAYERSWAP_NO_CACHE=1`` turns the cache off; ``MERGEKIT_LAYERSWAP_CACHE`` moves it.
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
 
 LOG = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: inode, ctime and device in the key
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".index.json")
 
 
@@ -50,7 +58,7 @@ def _identity(model, local_path: str) -> dict:
     for name in sorted(os.listdir(local_path)):
         if name.endswith(WEIGHT_SUFFIXES):
             stat = os.stat(os.path.join(local_path, name))
-            files.append([name, stat.st_size, stat.st_mtime_ns])
+            files.append([name, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns, stat.st_dev])
     return {"model": str(model), "path": os.path.abspath(local_path), "files": files}
 
 
@@ -85,56 +93,121 @@ def row_mav(expert_tensor, base_tensor, block_elements: int = 1 << 22):
     step = max(1, block_elements // max(columns, 1))
     out = torch.empty(rows, dtype=torch.float32, device=expert_tensor.device)
     for start in range(0, rows, step):
-        block = expert_tensor[start:start + step].float()
+        block = expert_tensor[start:start + step].to(torch.float32, copy=True)  # never the input itself
         block.sub_(base_tensor[start:start + step].float()).abs_()
         out[start:start + step] = block.mean(dim=1)
     return out
 
 
+def _check_finite(values, expert, base, name, x, y) -> None:
+    """Refuse a non-finite statistic, naming the model whose tensor holds NaN or inf."""
+    import torch
+
+    if bool(torch.isfinite(values).all()):
+        return
+    for model, tensor, what in ((expert, x, "expert"), (base, y, "base_model")):
+        if not bool(torch.isfinite(tensor).all()):
+            raise RecipeError(
+                f"{what} {model} has non-finite values (NaN or inf) in tensor {name}; weighting: "
+                f"magnitude needs finite weights: repair or re-export that checkpoint"
+            )
+    raise RecipeError(
+        f"the change of expert {expert} from base_model {base} in tensor {name} overflows float32; "
+        f"weighting: magnitude cannot measure it: use weighting: uniform"
+    )
+
+
+def _base_tensor(base_loader, base, expert, name, shape, device):
+    if name not in base_loader.index.tensor_paths:
+        raise RecipeError(
+            f"base_model {base} has no tensor {name}, which expert {expert} stores; "
+            f"base_model must be the model the experts were fine-tuned from"
+        )
+    y = base_loader.get_tensor(name, device=device)
+    if y.shape != shape:
+        raise RecipeError(
+            f"base_model {base} stores {name} with shape {list(y.shape)} but expert "
+            f"{expert} has {list(shape)}; base_model must be the model the experts were "
+            f"fine-tuned from"
+        )
+    return y
+
+
 def stream_row_mavs(expert, base, device: str = "cpu", quiet: bool = True, desc: str = "") -> Iterator[Tuple[str, object]]:
     """Yield (tensor name, row-MAV vector) for every counted tensor of ``expert``."""
+    for name, values in stream_row_mavs_of([expert], base, device=device, quiet=quiet,
+                                           desc=desc or f"Magnitude of {expert}"):
+        yield name, values[0]
+
+
+def stream_row_mavs_of(experts: Sequence, base, device: str = "cpu", quiet: bool = True,
+                       desc: str = "") -> Iterator[Tuple[str, list]]:
+    """Yield (tensor name, [row-MAV vector or None per expert]) for every tensor any expert
+    counts, in the base's shard order: each base tensor is read once for all experts."""
     import tqdm
     from mergekit.io.tasks import LoaderCache
 
-    expert_loader = LoaderCache().get(expert)
+    loaders = [LoaderCache().get(expert) for expert in experts]
     base_loader = LoaderCache().get(base)
-    names = list(_ordered_names(expert_loader.index))
-    for name in tqdm.tqdm(names, desc=desc or f"Magnitude of {expert}", disable=quiet):
-        x = expert_loader.get_tensor(name, device=device)
-        if not x.is_floating_point() or x.ndim not in (1, 2):
-            continue
-        if name not in base_loader.index.tensor_paths:
-            raise RecipeError(
-                f"base_model {base} has no tensor {name}, which expert {expert} stores; "
-                f"base_model must be the model the experts were fine-tuned from"
-            )
-        y = base_loader.get_tensor(name, device=device)
-        if y.shape != x.shape:
-            raise RecipeError(
-                f"base_model {base} stores {name} with shape {list(y.shape)} but expert "
-                f"{expert} has {list(x.shape)}; base_model must be the model the experts were "
-                f"fine-tuned from"
-            )
-        yield name, row_mav(x, y)
-        del x, y
-    expert_loader.flush()
+    for loader in loaders + [base_loader]:
+        loader.flush()  # a shard left open by an earlier merge in this process may be a replaced file
+    stored = set()
+    for loader in loaders:
+        stored.update(loader.index.tensor_paths)
+    in_base = [name for name in _ordered_names(base_loader.index) if name in stored]
+    rest = sorted(stored - set(in_base))  # not in the base: refused below, by the first expert storing it
+    names = in_base + rest
+    for name in tqdm.tqdm(names, desc=desc or "Magnitude statistics", disable=quiet):
+        y = None
+        values = []
+        for expert, loader in zip(experts, loaders):
+            if name not in loader.index.tensor_paths:
+                values.append(None)
+                continue
+            x = loader.get_tensor(name, device=device)
+            if not x.is_floating_point() or x.ndim not in (1, 2):
+                values.append(None)
+                continue
+            if y is None:
+                y = _base_tensor(base_loader, base, expert, name, x.shape, device)
+            elif y.shape != x.shape:
+                _base_tensor(base_loader, base, expert, name, x.shape, device)  # raises
+            row_values = row_mav(x, y)
+            _check_finite(row_values, expert, base, name, x, y)
+            values.append(row_values)
+            del x
+        del y
+        if any(v is not None for v in values):
+            yield name, values
+    for loader in loaders:
+        loader.flush()
     base_loader.flush()
 
 
+def compute_magnitudes(experts: Sequence, base, device: str = "cpu", quiet: bool = True) -> List[MagnitudeStat]:
+    """Every expert's statistic in one pass over the base."""
+    totals = [0.0] * len(experts)
+    rows = [0] * len(experts)
+    tensors = [0] * len(experts)
+    for _name, values in stream_row_mavs_of(experts, base, device=device, quiet=quiet):
+        for k, v in enumerate(values):
+            if v is not None:
+                totals[k] += float(v.double().sum())
+                rows[k] += v.numel()
+                tensors[k] += 1
+    stats = []
+    for expert, total, count, n in zip(experts, totals, rows, tensors):
+        if count == 0 or total <= 0.0:
+            raise RecipeError(
+                f"expert {expert} does not differ from base_model {base} (mean row change is 0); "
+                f"weighting: magnitude needs experts fine-tuned away from the base"
+            )
+        stats.append(MagnitudeStat(mean_row_mav=total / count, rows=count, tensors=n))
+    return stats
+
+
 def compute_magnitude(expert, base, device: str = "cpu", quiet: bool = True) -> MagnitudeStat:
-    total = 0.0
-    rows = 0
-    tensors = 0
-    for _name, values in stream_row_mavs(expert, base, device=device, quiet=quiet):
-        total += float(values.double().sum())
-        rows += values.numel()
-        tensors += 1
-    if rows == 0 or total <= 0.0:
-        raise RecipeError(
-            f"expert {expert} does not differ from base_model {base} (mean row change is 0); "
-            f"weighting: magnitude needs experts fine-tuned away from the base"
-        )
-    return MagnitudeStat(mean_row_mav=total / rows, rows=rows, tensors=tensors)
+    return compute_magnitudes([expert], base, device=device, quiet=quiet)[0]
 
 
 def local_path(model) -> str:
@@ -148,29 +221,77 @@ def _cache_file(expert, base) -> str:
     return os.path.join(cache_dir(), f"magnitude-{key}.json")
 
 
+def _valid(data) -> Optional[MagnitudeStat]:
+    if not isinstance(data, dict) or set(data) != {"mean_row_mav", "rows", "tensors"}:
+        return None
+    m, rows, tensors = data["mean_row_mav"], data["rows"], data["tensors"]
+    if not isinstance(m, (int, float)) or isinstance(m, bool) or not math.isfinite(m) or m <= 0:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (rows, tensors)):
+        return None
+    return MagnitudeStat(mean_row_mav=float(m), rows=rows, tensors=tensors)
+
+
 def cached_magnitude(expert, base) -> Optional[MagnitudeStat]:
-    """The cached statistic, or None; never reads a tensor."""
+    """The cached statistic, or None (absent, unreadable or invalid: a warning says
+    which); never reads a tensor."""
     if not cache_enabled():
         return None
     path = _cache_file(expert, base)
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return MagnitudeStat(**json.load(handle))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as error:
+        LOG.warning("magnitude cache entry %s cannot be read (%s); recomputing", path, error)
+        return None
+    stat = _valid(data)
+    if stat is None:
+        LOG.warning("magnitude cache entry %s holds no valid statistic (finite, positive); recomputing", path)
+    return stat
 
 
-def magnitude(expert, base, device: str = "cpu", quiet: bool = True) -> MagnitudeStat:
-    """The expert's mean row change against ``base``, from the cache when possible."""
-    stat = cached_magnitude(expert, base)
-    if stat is not None:
-        LOG.info("magnitude of %s from cache: %.6g", expert, stat.mean_row_mav)
-        return stat
-    stat = compute_magnitude(expert, base, device=device, quiet=quiet)
-    if cache_enabled():
-        path = _cache_file(expert, base)
+def _store(expert, base, stat: MagnitudeStat) -> None:
+    """Write a cache entry atomically; a cache that cannot be written costs a warning only."""
+    if not cache_enabled():
+        return
+    path = _cache_file(expert, base)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(asdict(stat), handle)
         os.replace(tmp, path)
-    return stat
+    except OSError as error:
+        LOG.warning("magnitude cache %s cannot be written (%s); the statistic is not cached", path, error)
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def magnitudes(experts: Sequence, base, device: str = "cpu", quiet: bool = True) -> Dict[object, MagnitudeStat]:
+    """Each expert's mean row change against ``base``: from the cache when possible, the
+    rest in one pass that reads the base and each uncached expert once."""
+    out: Dict[object, MagnitudeStat] = {}
+    missing = []
+    for expert in experts:
+        if expert in out or expert in missing:
+            continue
+        stat = cached_magnitude(expert, base)
+        if stat is not None:
+            LOG.info("magnitude of %s from cache: %.6g", expert, stat.mean_row_mav)
+            out[expert] = stat
+        else:
+            missing.append(expert)
+    if missing:
+        for expert, stat in zip(missing, compute_magnitudes(missing, base, device=device, quiet=quiet)):
+            _store(expert, base, stat)
+            out[expert] = stat
+    return out
+
+
+def magnitude(expert, base, device: str = "cpu", quiet: bool = True) -> MagnitudeStat:
+    """One expert's mean row change against ``base``, from the cache when possible."""
+    return magnitudes([expert], base, device=device, quiet=quiet)[expert]

@@ -23,14 +23,47 @@ def active_roles(members: Members, shares: Dict[str, float], name: Optional[str]
     return active
 
 
+# float32 values per block of rows: a blend's working memory (one accumulator block plus
+# one converted input block) stays about 32 MB whatever the tensor's size
+BLOCK_ELEMENTS = 1 << 22
+
+
+def row_blocks(shape, block_elements: Optional[int] = None):
+    """Slices of whole rows (along dim 0) of about ``block_elements`` values each; a
+    0-d tensor is one block. Every blend here is elementwise, so blocks give the same
+    bits as the whole tensor."""
+    if len(shape) == 0:
+        yield ...
+        return
+    per_row = 1
+    for size in shape[1:]:
+        per_row *= size
+    step = max(1, (block_elements or BLOCK_ELEMENTS) // max(per_row, 1))
+    for start in range(0, shape[0], step):
+        yield slice(start, min(start + step, shape[0]))
+
+
 def weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) -> torch.Tensor:
     """sum(coefficient * tensor) in ``dtype``, with one working buffer and no temporaries
-    beyond each input's conversion."""
+    beyond each input's conversion (whole tensor: for methods that need it whole)."""
     (first, c0), rest = terms[0], terms[1:]
     total = first.to(dtype=dtype, copy=True).mul_(c0)
     for tensor, coefficient in rest:
         total.add_(tensor.to(dtype), alpha=coefficient)
     return total
+
+
+def weighted_average(terms: List[Tuple[torch.Tensor, float]], denominator: float, acc_dtype: torch.dtype,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """``weighted_sum(terms, acc_dtype) / denominator`` rounded to ``out_dtype``, computed
+    in blocks of rows with the same operations in the same order (so the same bits), so
+    the accumulator never holds more than one block."""
+    shape = terms[0][0].shape
+    out = torch.empty(shape, dtype=out_dtype, device=terms[0][0].device)
+    for rows in row_blocks(shape):
+        block = weighted_sum([(tensor[rows], c) for tensor, c in terms], acc_dtype).div_(denominator)
+        out[rows] = block
+    return out
 
 
 def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = None) -> torch.Tensor:
@@ -39,7 +72,7 @@ def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = 
     A role's soup is the weighted mean of its experts and carries the mean of their
     weights; the output is ``sum(s_r * W_r * soup_r) / sum(s_r * W_r)`` over roles
     with share ``s_r > 0``. A single expert taken whole is returned untouched
-    (bit-identical); every average is computed in float32 or wider.
+    (bit-identical); every average is computed in float32 or wider, block by block.
     """
     active = active_roles(members, shares, name)
     if len(active) == 1 and len(members[active[0]]) == 1:
@@ -53,4 +86,4 @@ def mix_roles(members: Members, shares: Dict[str, float], name: Optional[str] = 
         coefficient = shares[r] * soup_weight / len(members[r])
         terms += [(tensor, coefficient * w / soup_weight) for tensor, w in members[r]]
         denominator += coefficient
-    return weighted_sum(terms, acc_dtype).div_(denominator).to(out_dtype)
+    return weighted_average(terms, denominator, acc_dtype, out_dtype)

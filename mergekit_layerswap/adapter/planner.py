@@ -106,15 +106,13 @@ def read_all() -> bool:
 
 
 def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) -> None:
-    from mergekit_layerswap.adapter.magnitude import magnitude
+    from mergekit_layerswap.adapter.magnitude import magnitudes
 
     if run.recipe.weighting != "magnitude":
         return
-    for expert in run.recipe.experts:
-        if expert.model not in run.magnitudes:
-            run.magnitudes[expert.model] = magnitude(
-                expert.model, run.recipe.base_model, device=device, quiet=quiet
-            )
+    missing = [e.model for e in run.recipe.experts if e.model not in run.magnitudes]
+    if missing:  # one pass: the base is read once for all experts
+        run.magnitudes.update(magnitudes(missing, run.recipe.base_model, device=device, quiet=quiet))
     _check_effective_weights(run)
 
 
