@@ -59,7 +59,7 @@ MERGE_FILES = (
     "mergekit_config.yml",
 )
 # margin for safetensors headers, config and tokenizer files beyond the tensors
-_SPACE_MARGIN = 1 << 20
+_SPACE_MARGIN = 64 << 10
 
 # temporary directory basename -> the basename mergekit would have seen without it
 # (the model card is named after the output directory, never the temporary one)
@@ -446,6 +446,11 @@ def run_atomically(original, merge_config, out_path: str, options, config_source
             f"output directory on a writable disk"
         ) from None
 
+    if config_source is None:
+        # mergekit writes ``merge_config.to_yaml()`` after planning, which rewrites the
+        # config in place (``models:`` becomes ``modules: ... slices:``): record the recipe
+        # as given, so mergekit-multi's lazy mode can recognise its stage
+        config_source = merge_config.to_yaml()
     _FINAL_NAMES[os.path.basename(temp)] = os.path.basename(out_path)
     try:
         original(merge_config, temp, options, config_source, **kwargs)
