@@ -439,3 +439,33 @@ def test_mergekit_multi_lazy_skips_a_layer_swap_stage_only_when_unchanged(fam, t
     assert "\n# swap\n" in (out / "README.md").read_text()
     assert run(changed)[1] == digest
     assert not leftovers(tmp_path / "stages")
+
+
+# ------------------------------------------- without renameat2 (macOS, old kernels)
+def test_fallback_swap_without_rename_exchange(fam, previous_merge, tmp_path, monkeypatch):
+    """Where RENAME_EXCHANGE is missing the old target is renamed aside, then replaced."""
+    from mergekit_layerswap.adapter import output
+
+    monkeypatch.setattr(output, "exchange", lambda new, target: False)
+    target = copy_merge(previous_merge, tmp_path / "out")
+    recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, bottom_layers=2))
+    assert run_yaml_inprocess(recipe, tmp_path / "fresh").exit_code == 0
+    result = run_yaml_inprocess(recipe, target)
+    assert result.exit_code == 0, result.output
+    assert load_tensors(target).keys() == load_tensors(str(tmp_path / "fresh")).keys()
+    assert tree_digest(os.path.join(target, "model.safetensors")).popitem()[1] == \
+        tree_digest(str(tmp_path / "fresh" / "model.safetensors")).popitem()[1]
+    assert not leftovers(tmp_path)
+
+
+def test_previous_merge_set_aside_by_a_killed_run_is_restored(fam, previous_merge, tmp_path):
+    """A run killed between the fallback's two renames leaves no target and the previous
+    merge in <target>.layerswap-old-<pid>; the next run (here one refused by the recipe
+    check) moves it back."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    copy_merge(previous_merge, tmp_path / f"out.layerswap-old-{dead.pid}")
+    recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, bottom_layers=99))
+    assert_one_line_error(run_yaml_inprocess(recipe, tmp_path / "out"), "bottom_layers")
+    assert_is_previous_merge(tmp_path / "out", previous_merge)
+    assert not leftovers(tmp_path)
