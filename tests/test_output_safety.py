@@ -398,6 +398,34 @@ def test_full_disk_is_refused_up_front(fam, previous_merge, tmp_path):
     assert tree_digest(fam.root) == before
 
 
+def test_disk_filling_up_mid_merge_leaves_the_previous_merge(big_family, previous_merge, tmp_path):
+    """The up-front check passes; then another writer fills the tmpfs while the merge writes."""
+    recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(big_family, bottom_layers=2))
+    inputs = tree_digest(big_family.root)
+    with mounted("tmpfs", tmp_path / "disk", size=48 << 20) as disk:
+        target = copy_merge(previous_merge, os.path.join(disk, "out"))
+        process = subprocess.Popen([yaml_exe(), str(recipe), target, "--out-shard-size", "1M"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        temp = f"{target}.layerswap-tmp-{process.pid}"
+        deadline = time.monotonic() + 600
+        while not (os.path.isdir(temp) and any(n.endswith(".safetensors") for n in os.listdir(temp))):
+            assert process.poll() is None, "the merge ended before the disk filled up: " + process.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        with open(os.path.join(disk, "filler"), "wb") as filler:
+            with pytest.raises(OSError, match="No space left"):
+                while True:
+                    filler.write(b"\0" * (1 << 20))
+                    filler.flush()
+        output = process.communicate(timeout=300)[0]
+        done = subprocess.CompletedProcess(process.args, process.returncode, "", output)
+        line = cli_error_line(done)
+        assert "writing the merge failed: No space left on device" in line and "out was left as it was" in line
+        assert_is_previous_merge(target, previous_merge)
+        assert sorted(os.listdir(disk)) == ["filler", "out"]
+    assert tree_digest(big_family.root) == inputs
+
+
 @pytest.mark.parametrize("existing", [True, False])
 def test_read_only_output_location(fam, previous_merge, tmp_path, existing):
     writable = tmp_path / "rw"
