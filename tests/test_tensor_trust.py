@@ -92,9 +92,7 @@ def test_non_finite_value_in_an_average_is_refused_in_one_line(families, tmp_pat
     message = assert_one_line_error(result, getattr(fam, bad_model), tensor, "non-finite")
     assert "Traceback" not in result.output
     assert tree_digest(fam.root) == before, "an input changed"
-    # needs atomic output (trust-output): becomes `assert not out.exists()` once merges build in a
-    # temporary directory; until then mergekit has created the (empty) output directory first
-    assert not out.exists() or not any(out.iterdir()), message
+    assert not out.exists(), message
 
 
 def test_role_soup_with_a_non_finite_value_is_refused(families, tmp_path):
@@ -138,8 +136,7 @@ def test_installed_mergekit_yaml_prints_the_non_finite_refusal_in_one_line(famil
     assert fam.task in lines[0] and "model.embed_tokens.weight" in lines[0] and "non-finite" in lines[0]
     assert tree_digest(fam.root) == before
     out = tmp_path / "out"
-    # needs atomic output (trust-output): becomes `assert not out.exists()`
-    assert not out.exists() or not any(out.iterdir())
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------- integer tensors

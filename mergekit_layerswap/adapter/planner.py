@@ -26,7 +26,11 @@ for ``merge_method: layer_swap`` recipes and nothing for any other method:
   about relative paths such as ``models/task`` and fails offline after writing);
 * ``mergekit.scripts.multimerge.load_config`` - every layer_swap stage of a
   mergekit-multi file is checked (its structure: models may not exist yet) before
-  the first stage runs.
+  the first stage runs;
+* ``mergekit.merge.run_merge`` - the output never overlaps an input, is built in a
+  temporary sibling and swapped into place when complete (``output.py``);
+* ``mergekit.scripts.multimerge.MergeModelTask.execute`` - the lazy mode skips a
+  layer_swap stage only when its stored ``mergekit_config.yml`` is this stage.
 
 ``MERGEKIT_LAYERSWAP_READ_ALL=1`` plans the unoptimised way (both experts read for
 every tensor); outputs are identical, which the tests check.
@@ -302,6 +306,7 @@ def on_merge(merge_module) -> None:
         None,
         ("get_architecture_info", "_model_out_config", "_get_donor_model", "generate_card", "run_merge"),
     )
+    wrap(merge_module, "run_merge", _atomic_run_merge)
     wrap(merge_module, "get_architecture_info", _validating_architecture_info)
     wrap(merge_module, "_model_out_config", _with_donor_as_base)
     wrap(merge_module, "_get_donor_model", _with_donor_as_base)
@@ -340,10 +345,22 @@ def _layer_swap_card(original):
         if run is None:
             return original(config, config_yaml, name=name)
         from mergekit_layerswap.adapter.card import layer_swap_card
+        from mergekit_layerswap.adapter.output import card_name
 
-        return layer_swap_card(run, config_yaml, name=name)
+        return layer_swap_card(run, config_yaml, name=card_name(name))
 
     return generate_card
+
+
+def _atomic_run_merge(original):
+    def run_merge(merge_config, out_path, options, config_source=None, **kwargs):
+        if not is_layer_swap(merge_config):
+            return original(merge_config, out_path, options, config_source, **kwargs)
+        from mergekit_layerswap.adapter.output import run_atomically
+
+        return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
+
+    return run_merge
 
 
 def _local_paths_are_local(original):
@@ -357,8 +374,16 @@ def _local_paths_are_local(original):
 
 # ------------------------------------------------- mergekit.scripts.multimerge
 def on_multimerge(multimerge_module) -> None:
-    _require(multimerge_module, None, ("load_config",))
+    _require(multimerge_module, None, ("load_config", "MergeModelTask"))
+    _require(multimerge_module, "MergeModelTask", ("execute", "model_copy"))
+    fields = {"lazy", "config_yaml", "out_path", "name"} - set(multimerge_module.MergeModelTask.model_fields)
+    if fields:
+        raise RuntimeError(
+            f"mergekit-layerswap needs MergeModelTask fields {', '.join(sorted(fields))}, which this "
+            f"mergekit lacks; it was verified with mergekit {', '.join(VERIFIED_MERGEKIT_VERSIONS)}"
+        )
     wrap(multimerge_module, "load_config", _checking_stages)
+    wrap(multimerge_module.MergeModelTask, "execute", _lazy_only_when_unchanged)
 
 
 def _checking_stages(original):
@@ -370,6 +395,22 @@ def _checking_stages(original):
         return merge_configs, dependencies
 
     return load_config
+
+
+def _lazy_only_when_unchanged(original):
+    def execute(self, **kwargs):
+        import yaml
+
+        if not self.lazy or (yaml.safe_load(self.config_yaml) or {}).get("merge_method") != METHOD_NAME:
+            return original(self, **kwargs)
+        from mergekit_layerswap.adapter.output import stored_config_matches
+
+        if os.path.exists(self.out_path) and not stored_config_matches(self.out_path, self.config_yaml):
+            LOG.info("%s holds a different merge than stage %s: rebuilding it", self.out_path, self.name)
+            return original(self.model_copy(update={"lazy": False}), **kwargs)
+        return original(self, **kwargs)
+
+    return execute
 
 
 # ------------------------------------------------------------------- guards

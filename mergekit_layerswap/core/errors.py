@@ -26,3 +26,7 @@ class OptionError(LayerSwapError, ValueError):
 
 class DataError(LayerSwapError):
     """Data files (problem sets, templates, eval files) that cannot be used."""
+
+
+class OutputError(LayerSwapError):
+    """An output location a merge must not or cannot write (an input, foreign files, no space)."""
