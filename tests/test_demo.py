@@ -224,12 +224,25 @@ def test_bfloat16_autocast_step_learns_and_keeps_float32_weights(tiny_llama):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        float32_loss = float(model(**batch).loss)
     losses = [train_step(model, optimizer, batch, bfloat16_autocast=True) for _ in range(5)]
+    assert losses[0] != float32_loss and abs(losses[0] - float32_loss) < 0.05  # bfloat16 arithmetic, same model
     assert losses[-1] < losses[0]
     assert all(p.dtype == torch.float32 for p in model.parameters())
     # updates of lr-size land in float32 weights (bfloat16 weights would round many away)
     layer = dict(model.named_parameters())["model.layers.2.mlp.up_proj.weight"]
     assert 0 < (layer.detach() - start["model.layers.2.mlp.up_proj.weight"]).abs().max() < 0.1
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    from mergekit_layerswap.demo.finetune import default_threads
+
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # only the demo itself busy
+    assert default_threads() == min(4, cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 6.0, 1.0, 1.0))  # cores shared with others
+    assert default_threads() == 1
 
 
 def test_gguf_parsing_is_shared_inside_the_block_only(tmp_path):
