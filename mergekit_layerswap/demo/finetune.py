@@ -145,8 +145,6 @@ def finetune(
         if progress:
             steps.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     if log is not None:
