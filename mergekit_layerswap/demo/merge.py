@@ -63,14 +63,21 @@ def mergekit_yaml_command() -> str:
     return exe
 
 
-def run_merge(recipe_copy: str, out_dir: str) -> None:
-    """``mergekit-yaml <recipe> <out>`` with the Hub switched off; raises on failure."""
+def run_merge(recipe_copy: str, out_dir: str, progress: bool = False) -> None:
+    """``mergekit-yaml <recipe> <out>`` with the Hub switched off; raises on failure.
+    With ``progress`` its own progress bar (stderr) is passed through as it runs."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [mergekit_yaml_command(), os.path.basename(recipe_copy), os.path.abspath(out_dir)]
-    result = subprocess.run(command, cwd=os.path.dirname(os.path.abspath(recipe_copy)), env=env,
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        lines = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(recipe_copy)), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = bytearray()
+    while chunk := process.stdout.read1(1 << 16):
+        output += chunk
+        if progress:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+    if process.wait() != 0:
+        lines = output.decode("utf-8", "replace").replace("\r", "\n").strip().splitlines() or ["no output"]
         raise LayerSwapError(f"mergekit-yaml failed: {lines[-1]}")
 
 

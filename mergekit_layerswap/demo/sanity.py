@@ -19,6 +19,9 @@ def greedy_answer(model_dir: str, source: TemplateSource, max_new_tokens: int = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mergekit_layerswap.demo.finetune import default_threads
+
+    torch.set_num_threads(default_threads())
     problem = generate_problems(source, "swh", HELD_OUT_TEMPLATES[:1], per_template=1, seed=0)[0]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

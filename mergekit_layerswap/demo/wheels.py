@@ -24,11 +24,12 @@ def fetch_wheel(package: str, cache_dir: str, python_version: Optional[str] = No
     if found:
         return found[-1]
     os.makedirs(cache_dir, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               package, "-d", cache_dir]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", package, "-d", cache_dir]
     if python_version:
         command += ["--python-version", python_version]
-    result = subprocess.run(command, capture_output=True, text=True)
+    # pip's own download progress bar goes to stdout, shown as it runs; errors are kept
+    result = subprocess.run(command, stderr=subprocess.PIPE, text=True)
     found = sorted(glob.glob(pattern))
     if result.returncode != 0 or not found:
         last = (result.stderr.strip().splitlines() or ["no output"])[-1]
