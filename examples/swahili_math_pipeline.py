@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
     device = "cuda" if args.cuda else "cpu"
-    build_all(args.root, DemoSettings())
+    build_all(args.root, DemoSettings.full())  # the 40-step experts docs/example.md describes
     problems = held_out_problems(args.root, args.problems_per_template, args.seed, args.quick)
     templates = sorted({p.template for p in problems})
     print(f"{len(problems)} held-out Swahili problems from {len(templates)} templates", flush=True)
