@@ -1,8 +1,9 @@
 """What a sweep's scores were computed from, so a resumed sweep never mixes old scores
 with new inputs, and the eval data checked before any candidate is built.
 
-``sweep.json`` records the recipe text, each model's weight files (size, mtime_ns and
-inode: a rewrite that restores the size and mtime still gets a new inode), the
+``sweep.json`` records the recipe text, each model's weight files (size, mtime_ns, inode
+and ctime_ns: a rewrite that keeps the size and sets the mtime back still changes the
+ctime, which ``utime`` cannot set, or the inode when written to a new file), the
 evaluator's settings, the eval file's sha256, the strategy and its rung schedule. A
 resume whose record differs is refused in one line naming what changed.
 """
@@ -42,7 +43,7 @@ def sha256_file(path: str) -> str:
 
 def file_identity(path: str) -> Dict[str, int]:
     stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "ctime_ns": stat.st_ctime_ns}
 
 
 def model_files(model) -> Dict[str, Any]:
@@ -85,7 +86,7 @@ def sweep_record(recipe_path: str, models: List[Any], evaluator, strategy: Dict[
         recipe_text = handle.read()
     return {
         "format": FORMAT,
-        "recipe": {"path": os.path.abspath(recipe_path), "text": recipe_text},
+        "recipe": recipe_text,
         "models": {str(m): model_files(m) for m in models},
         "evaluator": json.loads(json.dumps(evaluator.settings(), default=str)),
         "eval_data": eval_data_fingerprint(evaluator),
