@@ -234,3 +234,14 @@ def test_all_scores_non_finite_gives_no_best(families, tmp_path):
     assert result.exit_code == 0, result.output
     assert "no candidate got a finite score" in result.output
     assert not (tmp_path / "out" / "best.yaml").exists()
+
+
+def test_a_row_torn_by_a_kill_is_evaluated_again(families, tmp_path):
+    ws = Workspace(families("llama"), tmp_path)
+    assert ws.sweep("--grid", "bottom_layers=1,2", "--no-baselines", "--quiet").exit_code == 0
+    whole = (ws.out / "results.csv").read_text()
+    torn = whole[: whole.rindex("\n", 0, len(whole) - 1) + 1] + "b2,swap,2,,"  # killed mid-append
+    (ws.out / "results.csv").write_text(torn)
+    result = ws.sweep("--grid", "bottom_layers=1,2", "--no-baselines")
+    assert result.exit_code == 0 and "resuming: 1 evaluations" in result.output, result.output
+    assert (ws.out / "results.csv").read_text() == whole

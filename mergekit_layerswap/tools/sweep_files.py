@@ -45,6 +45,7 @@ class ResultsFile:
                 json.dump(record, handle, indent=1, sort_keys=True)
         self.rows: Dict[tuple, Dict[str, str]] = {}
         if os.path.exists(self.path):
+            _drop_torn_last_line(self.path)
             with open(self.path, newline="", encoding="utf-8") as handle:
                 for row in csv.DictReader(handle):
                     self.rows[(row["name"], int(row["rung"]))] = row
@@ -86,6 +87,16 @@ class ResultsFile:
     def best(self, rung: int, names: Sequence[str]) -> Optional[Dict[str, str]]:
         ranked = self.ranked(rung, names)
         return ranked[0] if ranked else None
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """A sweep killed while appending leaves a last line without its newline: drop it (that
+    evaluation runs again) so the next row does not glue onto it."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data and not data.endswith(b"\n"):
+        with open(path, "wb") as handle:
+            handle.write(data[: data.rfind(b"\n") + 1])
 
 
 def write_best_recipe(recipe_path: str, row: Dict[str, Any], out_path: str) -> None:
