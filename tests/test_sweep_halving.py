@@ -151,19 +151,20 @@ def test_halving_through_the_command_slices_bounded_by_the_text(setup, tmp_path)
 
     fam, recipe = setup
     text = tmp_path / "text.txt"
-    text.write_text(" ".join(f"w{(7 * i) % 90 + 1}" for i in range(2100)))
+    text.write_text(" ".join(f"w{(7 * i) % 90 + 1}" for i in range(1300)))
     tokens = len(AutoTokenizer.from_pretrained(fam.lang)(text.read_text(), add_special_tokens=False)["input_ids"])
-    assert 4 * 512 < tokens - 1 <= 5 * 512  # five 512-token windows
+    assert 2 * 512 < tokens - 1 <= 3 * 512  # three 512-token windows
     result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1,2,3,4", "--eval",
                                        f"perplexity:{text}", "--out", str(tmp_path / "out"), "--no-baselines",
                                        "--quiet", "--strategy", "halving", "--halving-min", "2",
                                        "--halving-eta", "2"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    # 4 candidates on 2 windows, 2 on 4, then 1 on all 5 (8 would exceed them); items are tokens scored
+    # 4 candidates on 2 windows, then the best 2 on all 3 (a slice of 4 would exceed them);
+    # items are the tokens scored
     assert [(r["limit"], r["candidates"], r["items"]) for r in summary["rungs"]] == [
-        (2, 4, 4 * 1023), (4, 2, 2 * 2047), (None, 1, tokens - 1)]
-    spent = 4 * 1023 + 2 * 2047 + tokens - 1
+        (2, 4, 4 * 1023), (None, 2, 2 * (tokens - 1))]
+    spent = 4 * 1023 + 2 * (tokens - 1)
     assert summary["items_spent"] == spent and summary["items_full_grid"] == 4 * (tokens - 1)
     assert f"{spent} item evaluations" in result.output
     assert f"the full grid would take {4 * (tokens - 1)}" in result.output
