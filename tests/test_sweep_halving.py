@@ -7,7 +7,6 @@ from collections import Counter
 from typing import Optional
 
 import pytest
-import torch
 
 from helpers import swap_recipe, write_recipe
 
