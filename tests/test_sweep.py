@@ -183,5 +183,5 @@ def test_bad_eval_and_reused_out_dir(setup, tmp_path):
     assert ok.exit_code == 0, ok.output
     other = runner.invoke(main, ["sweep", recipe, "--grid", "bottom_layers=2", "--eval", f"perplexity:{text}",
                                  "--out", str(tmp_path / "out")])
-    assert other.exit_code != 0 and "different sweep (the grid changed)" in other.output
+    assert other.exit_code != 0 and "different sweep (the grid changed; --baselines changed)" in other.output
     assert "--restart" in other.output and len(other.output.strip().splitlines()) == 1
