@@ -248,7 +248,7 @@ def test_sweep_ranks_by_an_lm_eval_metric_on_candidates_in_memory(tmp_path, monk
     assert len(built) == 1  # one task manager for the whole sweep
     assert set(os.listdir(tmp_path)) - before == {"sweep"}  # no candidate checkpoint written
     assert sorted(os.listdir(tmp_path / "sweep")) == ["best.yaml", "best_fingerprint.json", "results.csv",
-                                                      "scores.png", "sweep.json"]
+                                                      "scores.png", "summary.json", "sweep.json"]
 
 
 def test_bad_eval_options_are_one_line_errors(tmp_path, families):

@@ -1,8 +1,10 @@
 """mergekit-layerswap sweep: every grid point once, baselines, resumable, best.yaml exact."""
 
 import csv
+import dataclasses
 import hashlib
 import json
+from typing import Optional
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from click.testing import CliRunner
 
 from checkpoints import load_tensors
 from helpers import run_yaml_inprocess, swap_recipe, write_recipe
+from mergekit_layerswap.tools.evaluate import Evaluator
 
 GRID = {"bottom_layers": [1, 2], "top_layers": [0, 1], "bottom_transition": [0, 1]}
 
@@ -23,19 +26,28 @@ def setup(families, tmp_path):
     return fam, recipe, str(text)
 
 
+@dataclasses.dataclass(frozen=True)
+class CountingEvaluator(Evaluator):
+    """The real evaluator, counting its calls and interrupting after ``fail_after`` of them."""
+
+    calls: list = dataclasses.field(default_factory=list, compare=False)
+    fail_after: Optional[int] = None
+
+    def __call__(self, model, tokenizer):
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append(1)
+        return super().__call__(model, tokenizer)
+
+    def settings(self):
+        return {"spec": self.spec, "limit": self.limit, "num_fewshot": self.num_fewshot}
+
+
 def _run(recipe, out, text, calls=None, fail_after=None, grid=GRID, **kwargs):
-    from mergekit_layerswap.tools.evaluate import perplexity
     from mergekit_layerswap.tools.sweep import run_sweep
 
-    def evaluate(model, tokenizer):
-        if calls is not None:
-            if fail_after is not None and len(calls) >= fail_after:
-                raise KeyboardInterrupt
-            calls.append(1)
-        return perplexity(model, tokenizer, text)
-
-    return run_sweep(recipe, grid, f"perplexity:{text}", str(out), evaluate=evaluate, echo=lambda s: None,
-                     quiet=True, **kwargs)
+    evaluator = CountingEvaluator(f"perplexity:{text}", calls=[] if calls is None else calls, fail_after=fail_after)
+    return run_sweep(recipe, grid, str(out), evaluator, echo=lambda s: None, quiet=True, **kwargs)
 
 
 def _rows(out):
@@ -78,6 +90,7 @@ def test_resume_skips_finished_points(setup, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _run(recipe, tmp_path / "out", text, calls=calls, fail_after=5)
     assert len(_rows(tmp_path / "out")) == 5
+    assert not (tmp_path / "out" / "best.yaml").exists()
     more = []
     _run(recipe, tmp_path / "out", text, calls=more)
     assert len(more) == 6 and len(_rows(tmp_path / "out")) == 11
@@ -90,6 +103,7 @@ def test_best_recipe_reproduces_the_best_candidate_bit_exactly(setup, tmp_path):
     assert best["name"] == summary["best"]["name"]
     rows = [r for r in _rows(tmp_path / "sweep") if r["kind"] == "swap"]
     assert best["name"] == min(rows, key=lambda r: float(r["score"]))["name"]
+    assert all(r["rung"] == "0" and r["limit"] == "" and r["status"] == "ok" for r in rows)
     result = run_yaml_inprocess(tmp_path / "sweep" / "best.yaml", tmp_path / "merged")
     assert result.exit_code == 0, result.output
     merged = load_tensors(str(tmp_path / "merged"))
@@ -169,4 +183,5 @@ def test_bad_eval_and_reused_out_dir(setup, tmp_path):
     assert ok.exit_code == 0, ok.output
     other = runner.invoke(main, ["sweep", recipe, "--grid", "bottom_layers=2", "--eval", f"perplexity:{text}",
                                  "--out", str(tmp_path / "out")])
-    assert other.exit_code != 0 and "different sweep" in other.output
+    assert other.exit_code != 0 and "different sweep (the grid changed; --baselines changed)" in other.output
+    assert "--restart" in other.output and len(other.output.strip().splitlines()) == 1

@@ -17,12 +17,14 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core.errors import OptionError, RecipeError
 from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, SYMBOLS, ZONE_PARAMETERS
 from mergekit_layerswap.tools.sweep_files import ResultsFile, plot, write_best_recipe
+from mergekit_layerswap.tools.sweep_inputs import check_eval_data, eval_items, sweep_record
+from mergekit_layerswap.tools.sweep_strategy import Grid, Halving, Strategy
 from mergekit_layerswap.core import METHOD_NAME
 
 BASELINES = ("task-expert", "language-expert", "soup")
@@ -117,74 +119,236 @@ def experts_fit_in_memory(run, factor: float = 2.5) -> bool:
     return need * factor < available
 
 
-def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], eval_spec: str, out_dir: str,
-              evaluate: Callable[[Any, Any], Any], device: str = "cpu", baselines: bool = True,
-              echo: Callable[[str], None] = print, quiet: bool = False) -> Dict[str, Any]:
-    """Run (or resume) a sweep; ``evaluate(model, tokenizer)`` returns an evaluate.Score."""
-    import torch
+def candidate_recipe(run, candidate: Candidate):
+    return (variant(run.recipe, candidate.parameters) if candidate.kind == "swap"
+            else baseline_recipe(run.recipe, candidate.name, run.info.num_layers))
+
+
+class SweepWorker:
+    """Loads the experts and one model once, then assembles each candidate in memory (or,
+    when the experts do not fit, merges it through mergekit into a temporary directory) and
+    evaluates it. The serial sweep uses one in its own process; ``--ray`` runs one per Ray
+    actor, so both paths build candidates the same way."""
+
+    def __init__(self, recipe_path: str, device: str = "cpu", magnitudes: Optional[Dict[str, Any]] = None,
+                 run=None, torch_threads: Optional[int] = None, cwd: Optional[str] = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from mergekit.io.tasks import LoaderCache
+
+        from mergekit_layerswap.adapter.planner import prepare
+        from mergekit_layerswap.tools.assemble import LoadedExperts
+        from mergekit_layerswap.tools.recipe_file import load_config
+
+        if cwd and os.path.isdir(cwd):
+            os.chdir(cwd)  # relative model paths in the recipe mean what they meant to the driver
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.config = load_config(recipe_path)
+        if run is None:
+            run = prepare(self.config)
+            run.magnitudes.update({m: magnitudes[str(m)] for m in run.recipe.models if str(m) in (magnitudes or {})})
+        self.run = run
+        self.torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.config.dtype or "",
+                                                                                     torch.float32)
+        donor_path = LoaderCache().get(run.recipe.donor).index.base_path
+        self.tokenizer = AutoTokenizer.from_pretrained(donor_path)
+        self.in_memory = experts_fit_in_memory(run)
+        self.experts = LoadedExperts(run, dtype=self.config.dtype) if self.in_memory else None
+        self.model = AutoModelForCausalLM.from_pretrained(donor_path, dtype=self.torch_dtype).to(device).eval()
+
+    def state(self, candidate: Candidate) -> Dict[str, Any]:
+        from mergekit_layerswap.tools.assemble import assemble
+
+        candidate_run = dataclasses.replace(self.run, recipe=candidate_recipe(self.run, candidate))
+        if self.experts is not None:
+            return dict(assemble(candidate_run, self.experts, out_dtype=self.config.out_dtype))
+        return _merge_to_disk(candidate_run, self.config)
+
+    def evaluate(self, candidate: Candidate, evaluator) -> Any:
+        state = self.state(candidate)
+        missing, unexpected = self.model.load_state_dict({k: v.to(self.torch_dtype) for k, v in state.items()},
+                                                         strict=False)
+        if unexpected:
+            raise RuntimeError(f"candidate tensors the model does not have: {unexpected[:3]}")
+        del state
+        return evaluator(self.model, self.tokenizer)
+
+    def fingerprint(self, candidate: Candidate) -> Dict[str, str]:
+        return fingerprint(self.state(candidate))
+
+    def fits_in_memory(self) -> bool:
+        return self.in_memory
+
+
+class SerialBackend:
+    """Candidates evaluated one after another in this process."""
+
+    def __init__(self, recipe_path: str, run, device: str, echo: Callable[[str], None]):
+        self.recipe_path, self.run, self.device, self.echo = recipe_path, run, device, echo
+        self._worker: Optional[SweepWorker] = None
+
+    @property
+    def worker(self) -> SweepWorker:
+        if self._worker is None:
+            self._worker = SweepWorker(self.recipe_path, device=self.device, run=self.run)
+            if not self._worker.in_memory:
+                self.echo("the experts do not fit in memory: each candidate is merged to a temporary "
+                          "directory (streaming)")
+        return self._worker
+
+    @property
+    def in_memory(self) -> Optional[bool]:
+        return None if self._worker is None else self._worker.in_memory
+
+    def evaluate_all(self, jobs: Sequence[Candidate], evaluator) -> Iterator[Tuple[Candidate, Any]]:
+        for candidate in jobs:
+            yield candidate, self.worker.evaluate(candidate, evaluator)
+
+    def fingerprint(self, candidate: Candidate) -> Dict[str, str]:
+        return self.worker.fingerprint(candidate)
+
+    def close(self) -> None:
+        self._worker = None
+
+
+def absolute_spec(evaluator):
+    """The evaluator with its eval file and lm-eval tasks folder as absolute paths (workers
+    may run elsewhere, and a resume compares them)."""
+    if not dataclasses.is_dataclass(evaluator):
+        return evaluator
+    kind, _, argument = evaluator.spec.partition(":")
+    if kind in ("exact-match", "perplexity") and argument:
+        evaluator = dataclasses.replace(evaluator, spec=f"{kind}:{os.path.abspath(argument)}")
+    if getattr(evaluator, "tasks_path", None):
+        evaluator = dataclasses.replace(evaluator, tasks_path=os.path.abspath(evaluator.tasks_path))
+    return evaluator
+
+
+def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], out_dir: str, evaluator, device: str = "cpu",
+              baselines: bool = True, strategy: Optional[Strategy] = None, ray: Optional[Any] = None,
+              restart: bool = False, echo: Callable[[str], None] = print, quiet: bool = False) -> Dict[str, Any]:
+    """Run (or resume) a sweep. ``evaluator`` is an evaluate.Evaluator (or anything with its
+    ``spec``, ``limit``, ``with_limit``, ``settings`` and ``__call__(model, tokenizer) -> Score``);
+    ``strategy`` is Grid() or Halving(minimum, eta); ``ray`` a sweep_ray.RayOptions, or None to
+    run in this process."""
     import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_layerswap.tools.assemble import LoadedExperts, assemble
-    from mergekit_layerswap.tools.recipe_file import load_config
     from mergekit_layerswap.adapter.planner import prepare, resolve_magnitudes
+    from mergekit_layerswap.tools.recipe_file import load_config
 
+    strategy = strategy or Grid()
+    evaluator = absolute_spec(evaluator)
+    recipe_path = os.path.abspath(recipe_path)
+    if ray is not None:
+        from mergekit_layerswap.tools.sweep_ray import require_ray
+
+        require_ray()
+    check_eval_data(evaluator)  # before any candidate is built
     config = load_config(recipe_path)
     if config.merge_method != METHOD_NAME:
         raise RecipeError(f"{recipe_path} uses merge_method {config.merge_method!r}; sweep takes a layer_swap recipe")
     run = prepare(config)
     resolve_magnitudes(run, device=device, quiet=quiet)
-    todo, skipped = candidates(grid, run.info.num_layers, run.recipe.zones)
+    swaps, skipped = candidates(grid, run.info.num_layers, run.recipe.zones)
     if skipped:
         echo(f"skipped {len(skipped)} grid points whose zones exceed {run.info.num_layers} layers: {', '.join(skipped)}")
-    if baselines:
-        todo = [Candidate(name, "baseline") for name in BASELINES] + todo
-    settings = {"recipe": os.path.abspath(recipe_path), "grid": grid, "eval": eval_spec}
-    results = ResultsFile(out_dir, settings)
-    pending = [c for c in todo if c.name not in results.rows]
-    if len(pending) < len(todo):
-        echo(f"resuming: {len(todo) - len(pending)} of {len(todo)} candidates already evaluated")
+    extra = [Candidate(name, "baseline") for name in BASELINES] if baselines else []
+    problems = eval_items(evaluator, _tokenizer(run)) if isinstance(strategy, Halving) else None
+    rungs = strategy.rungs(len(swaps), problems, evaluator.limit)
+    models = list(run.recipe.models) + ([run.recipe.base_model] if run.recipe.base_model is not None else [])
+    record = sweep_record(recipe_path, models, evaluator, strategy.describe(rungs), grid, baselines, device)
+    results = ResultsFile(out_dir, record, restart=restart)
+    done = len(results.rows)
+    if done:
+        echo(f"resuming: {done} evaluations already in {results.path}")
 
-    donor = run.recipe.donor
-    from mergekit.io.tasks import LoaderCache
+    if ray is not None:
+        from mergekit_layerswap.tools.sweep_ray import RayBackend
 
-    donor_path = LoaderCache().get(donor).index.base_path
-    torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype or "", torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(donor_path)
-    model = None
-    in_memory = experts_fit_in_memory(run)
-    experts = None
-    if pending:
-        if in_memory:
-            experts = LoadedExperts(run, dtype=config.dtype)
-        else:
-            echo("the experts do not fit in memory: each candidate is merged to a temporary directory (streaming)")
-        model = AutoModelForCausalLM.from_pretrained(donor_path, dtype=torch_dtype).to(device).eval()
-
-    for candidate in tqdm.tqdm(pending, desc="Sweep", disable=quiet):
-        recipe = (variant(run.recipe, candidate.parameters) if candidate.kind == "swap"
-                  else baseline_recipe(run.recipe, candidate.name, run.info.num_layers))
-        candidate_run = dataclasses.replace(run, recipe=recipe)
-        if experts is not None:
-            state = dict(assemble(candidate_run, experts, out_dtype=config.out_dtype))
-        else:
-            state = _merge_to_disk(candidate_run, config)
-        missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) for k, v in state.items()}, strict=False)
-        if unexpected:
-            raise RuntimeError(f"candidate tensors the model does not have: {unexpected[:3]}")
-        score = evaluate(model, tokenizer)
-        row = results.add(candidate, score)
-        echo(f"{candidate.name}: {score.metric} = {score.value:.6g}")
-        best = results.best()
-        if candidate.kind == "swap" and best is not None and best["name"] == candidate.name:
-            with open(os.path.join(out_dir, "best_fingerprint.json"), "w", encoding="utf-8") as handle:
-                json.dump({"name": candidate.name, "tensors": fingerprint(state)}, handle, indent=1)
-        del state, row
-    best_score = results.best()
-    if best_score is not None:
-        write_best_recipe(recipe_path, best_score, os.path.join(out_dir, "best.yaml"))
+        backend = RayBackend(ray, recipe_path, run, device, echo=echo, quiet=quiet)
+    else:
+        backend = SerialBackend(recipe_path, run, device, echo)
+    names = [c.name for c in swaps]
+    alive = list(swaps)
+    total = sum(r.candidates for r in rungs) + len(extra)
+    try:
+        with tqdm.tqdm(total=total, initial=min(done, total), desc="Sweep", disable=quiet) as bar:
+            for index, rung in enumerate(rungs):
+                final = index == len(rungs) - 1
+                batch = alive + (extra if final else [])
+                pending = [c for c in batch if results.get(c.name, index) is None]
+                rung_evaluator = evaluator.with_limit(rung.limit)
+                for candidate, score in backend.evaluate_all(pending, rung_evaluator):
+                    row = results.add(candidate, score, rung=index, limit=rung.limit)
+                    where = f" (rung {index}, {score.count} items)" if len(rungs) > 1 else ""
+                    status = "" if row["status"] == "ok" else f"  [{row['status']}]"
+                    echo(f"{candidate.name}: {score.metric} = {score.value:.6g}{where}{status}")
+                    bar.update(1)
+                if not final:
+                    keep = {r["name"] for r in results.ranked(index, [c.name for c in alive])[:rungs[index + 1].candidates]}
+                    bar.total -= (rungs[index + 1].candidates - len(keep))  # failures are not promoted
+                    bar.refresh()
+                    alive = [c for c in alive if c.name in keep]
+        final_rung = len(rungs) - 1
+        best_score = results.best(final_rung, names)
+        if best_score is not None:
+            write_best_recipe(recipe_path, best_score, os.path.join(out_dir, "best.yaml"))
+            _write_best_fingerprint(out_dir, best_score["name"], swaps, backend)
+    finally:
+        backend.close()
+    spent = summarize(results, rungs, swaps, strategy)
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(spent, handle, indent=1)
+    if len(rungs) > 1:
+        echo(f"successive halving: {spent['items_spent']} item evaluations for the swap candidates; "
+             f"the full grid would take {spent['items_full_grid']}")
     plotted = plot(results, os.path.join(out_dir, "scores.png"))
-    return {"results": results.path, "best": best_score, "plot": plotted, "in_memory": in_memory}
+    return {"results": results.path, "best": best_score, "plot": plotted, "in_memory": backend.in_memory,
+            "summary": spent}
+
+
+def _tokenizer(run):
+    from mergekit.io.tasks import LoaderCache
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(LoaderCache().get(run.recipe.donor).index.base_path)
+
+
+def _write_best_fingerprint(out_dir: str, name: str, swaps: Sequence[Candidate], backend) -> None:
+    """best_fingerprint.json: sha256 of every tensor of the best candidate, for checking
+    that best.yaml merged by mergekit-yaml reproduces it bit for bit."""
+    path = os.path.join(out_dir, "best_fingerprint.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            try:
+                if json.load(handle).get("name") == name:
+                    return
+            except ValueError:
+                pass
+    candidate = next(c for c in swaps if c.name == name)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump({"name": name, "tensors": backend.fingerprint(candidate)}, handle, indent=1)
+
+
+def summarize(results, rungs, swaps: Sequence[Candidate], strategy) -> Dict[str, Any]:
+    """Items evaluated per rung for the swap candidates, against the full grid's count."""
+    names = {c.name for c in swaps}
+    per_rung = []
+    for index, rung in enumerate(rungs):
+        rows = [r for (n, i), r in results.rows.items() if i == index and n in names]
+        per_rung.append({"rung": index, "limit": rung.limit, "candidates": len(rows),
+                         "items": sum(int(r["count"]) for r in rows)})
+    final_rows = [r for (n, i), r in results.rows.items() if i == len(rungs) - 1]
+    full_items = int(final_rows[0]["count"]) if final_rows else None
+    stopped = {}
+    for (n, i), _row in results.rows.items():
+        if n in names:
+            stopped[n] = max(stopped.get(n, 0), i)
+    return {"strategy": strategy.name, "rungs": per_rung,
+            "items_spent": sum(r["items"] for r in per_rung),
+            "items_full_grid": None if full_items is None else full_items * len(swaps),
+            "stopped_at_rung": stopped}
 
 
 def _merge_to_disk(run, config) -> Dict[str, Any]:
@@ -221,4 +385,4 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
 
 
-__all__ = ["run_sweep", "parse_grid", "candidates", "Candidate"]
+__all__ = ["run_sweep", "parse_grid", "candidates", "Candidate", "SweepWorker", "Grid", "Halving"]

@@ -1,64 +1,101 @@
-"""A sweep's files: ``results.csv`` (appended per candidate, so a sweep resumes),
-``sweep.json`` (the settings, so a directory is not mixed between sweeps), ``best.yaml``
-and ``scores.png``."""
+"""A sweep's files: ``results.csv`` (appended per evaluation, so a sweep resumes),
+``sweep.json`` (what the scores were computed from, so a directory is never mixed
+between sweeps), ``summary.json``, ``best.yaml`` and ``scores.png``."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from mergekit_layerswap.core.errors import OptionError
 from mergekit_layerswap.core.parameters import SWEEPABLE, ZONE_PARAMETERS
+from mergekit_layerswap.tools.sweep_inputs import check_resume, is_finite
 
-FIELDS = ["name", "kind", *SWEEPABLE, "metric", "score", "stderr", "count", "higher_is_better"]
+FIELDS = ["name", "kind", *SWEEPABLE, "rung", "limit", "metric", "score", "stderr", "count", "higher_is_better",
+          "status"]
+# every file a sweep writes into its --out directory (and all that --restart removes)
+SWEEP_FILES = ("results.csv", "sweep.json", "summary.json", "best.yaml", "best_fingerprint.json", "scores.png")
+OK = "ok"
+NON_FINITE = "failed: non-finite score"
 
 
 class ResultsFile:
-    """``results.csv`` with one row per evaluated candidate; rows survive interruptions."""
+    """``results.csv``: one row per (candidate, rung) evaluated; rows survive interruptions.
 
-    def __init__(self, out_dir: str, settings: Dict[str, Any]):
+    A grid sweep has one rung (0, the full set); successive halving has one per slice size.
+    """
+
+    def __init__(self, out_dir: str, record: Dict[str, Any], restart: bool = False):
         os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
         self.path = os.path.join(out_dir, "results.csv")
-        settings_path = os.path.join(out_dir, "sweep.json")
-        if os.path.exists(settings_path):
-            with open(settings_path, encoding="utf-8") as handle:
-                previous = json.load(handle)
-            if previous != settings:
-                raise OptionError(f"{out_dir} holds results of a different sweep; use a new --out directory", "--out")
+        record_path = os.path.join(out_dir, "sweep.json")
+        if restart:
+            for name in SWEEP_FILES:
+                if os.path.isfile(os.path.join(out_dir, name)):
+                    os.remove(os.path.join(out_dir, name))
+        if os.path.exists(record_path) or os.path.exists(self.path):
+            check_resume(record_path, record)
         else:
-            with open(settings_path, "w", encoding="utf-8") as handle:
-                json.dump(settings, handle, indent=2, sort_keys=True)
-        self.rows: Dict[str, Dict[str, Any]] = {}
+            with open(record_path, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1, sort_keys=True)
+        self.rows: Dict[tuple, Dict[str, str]] = {}
         if os.path.exists(self.path):
+            _drop_torn_last_line(self.path)
             with open(self.path, newline="", encoding="utf-8") as handle:
                 for row in csv.DictReader(handle):
-                    self.rows[row["name"]] = row
+                    self.rows[(row["name"], int(row["rung"]))] = row
 
-    def add(self, candidate, score) -> Dict[str, Any]:
-        """Append one evaluated candidate (a sweep.Candidate) with its evaluate.Score."""
-        row = {"name": candidate.name, "kind": candidate.kind, **{k: candidate.parameters.get(k, "") for k in SWEEPABLE},
-               "metric": score.metric, "score": repr(score.value),
+    def get(self, name: str, rung: int) -> Optional[Dict[str, str]]:
+        return self.rows.get((name, rung))
+
+    def add(self, candidate, score, rung: int = 0, limit: Optional[int] = None) -> Dict[str, str]:
+        """Append one evaluation of a candidate (a sweep.Candidate) with its evaluate.Score;
+        a non-finite score is kept as a failure, never ranked."""
+        row = {"name": candidate.name, "kind": candidate.kind,
+               **{k: candidate.parameters.get(k, "") for k in SWEEPABLE},
+               "rung": rung, "limit": "" if limit is None else limit,
+               "metric": score.metric, "score": repr(float(score.value)),
                "stderr": "" if score.stderr is None else repr(score.stderr), "count": score.count,
-               "higher_is_better": score.higher_is_better}
+               "higher_is_better": score.higher_is_better,
+               "status": OK if is_finite(score.value) else NON_FINITE}
         new_file = not os.path.exists(self.path)
         with open(self.path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=FIELDS)
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
-        self.rows[candidate.name] = {k: str(v) for k, v in row.items()}
+        row = {k: str(v) for k, v in row.items()}
+        self.rows[(candidate.name, rung)] = row
         return row
 
-    def best(self) -> Optional[Dict[str, Any]]:
-        swaps = [r for r in self.rows.values() if r["kind"] == "swap"]
-        if not swaps:
-            return None
-        higher = swaps[0]["higher_is_better"] == "True"
-        return (max if higher else min)(swaps, key=lambda r: float(r["score"]))
+    def ranked(self, rung: int, names: Sequence[str]) -> List[Dict[str, str]]:
+        """Rows of ``names`` at ``rung`` with a finite score, best first; ties go to the
+        earlier name in ``names`` (grid order), so Ray's arrival order never decides."""
+        order = {name: i for i, name in enumerate(names)}
+        rows = [self.rows[(n, rung)] for n in names if (n, rung) in self.rows]
+        rows = [r for r in rows if r["status"] == OK and is_finite(r["score"])]
+        if not rows:
+            return []
+        sign = -1.0 if rows[0]["higher_is_better"] == "True" else 1.0
+        return sorted(rows, key=lambda r: (sign * float(r["score"]), order[r["name"]]))
+
+    def best(self, rung: int, names: Sequence[str]) -> Optional[Dict[str, str]]:
+        ranked = self.ranked(rung, names)
+        return ranked[0] if ranked else None
+
+
+def _drop_torn_last_line(path: str) -> None:
+    """A sweep killed while appending leaves a last line without its newline: drop it (that
+    evaluation runs again) so the next row does not glue onto it."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data and not data.endswith(b"\n"):
+        with open(path, "wb") as handle:
+            handle.write(data[: data.rfind(b"\n") + 1])
 
 
 def write_best_recipe(recipe_path: str, row: Dict[str, Any], out_path: str) -> None:
@@ -82,7 +119,8 @@ def plot(results: ResultsFile, out_path: str) -> bool:
     except ImportError:
         return False
     del matplotlib
-    rows = list(results.rows.values())
+    final = max((rung for _name, rung in results.rows), default=0)
+    rows = [r for (_name, rung), r in results.rows.items() if rung == final and r["status"] == OK]
     swaps = [r for r in rows if r["kind"] == "swap"]
     baselines = [r for r in rows if r["kind"] == "baseline"]
     figure = Figure(figsize=(max(6, 0.35 * len(swaps) + 2), 4.5), dpi=100)
