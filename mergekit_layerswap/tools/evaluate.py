@@ -27,7 +27,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import DataError, OptionError
 
@@ -54,19 +54,36 @@ def final_number(text: str) -> Optional[float]:
         return None
 
 
+def read_jsonl(path: str, accept: Callable[[Dict[str, Any]], bool], needs: str,
+               limit: Optional[int] = None) -> List[Dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped), each checked by ``accept``;
+    a line that is not JSON, not an object or not accepted is refused naming the line."""
+    rows: List[Dict[str, Any]] = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as error:
+                    raise DataError(f"{path} line {number} is not valid JSON ({error.msg}); "
+                                    "write one JSON object per line") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path} line {number} is not a JSON object; write one object per line")
+                if not accept(row):
+                    raise DataError(f"{path} line {number} {needs}")
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path} as UTF-8 text: {error}") from None
+    return rows
+
+
 def read_problems(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
-    problems = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            item = json.loads(line)
-            if "question" not in item or "answer" not in item:
-                raise DataError(f"{path} line {number} needs 'question' and 'answer' fields")
-            problems.append(item)
-            if limit is not None and len(problems) >= limit:
-                break
-    return problems
+    return read_jsonl(path, lambda row: "question" in row and "answer" in row,
+                      "needs 'question' and 'answer' fields", limit)
 
 
 PROMPTS = ("chat", "mgsm")
@@ -92,18 +109,10 @@ def read_mgsm(path: str, limit: Optional[int] = None, num_fewshot: Optional[int]
     """(language, exemplars, test rows) of an MGSM-format test file and its train file."""
     from mergekit_layerswap.core.mgsm import LANGUAGES
 
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if row.get("answer") is not None or "answer_number" not in row or row.get("language") not in LANGUAGES:
-                raise DataError(f"{path} line {number} is not an MGSM test row (answer null, answer_number, "
-                                "language); write it with `mergekit-layerswap data mgsm-symbolic`")
-            rows.append(row)
-            if limit is not None and len(rows) >= limit:
-                break
+    rows = read_jsonl(
+        path, lambda row: row.get("answer") is None and "answer_number" in row and row.get("language") in LANGUAGES,
+        "is not an MGSM test row (answer null, answer_number, language); write it with "
+        "`mergekit-layerswap data mgsm-symbolic`", limit)
     train = exemplars_path(path)
     if not os.path.isfile(train):
         raise DataError(f"{train} (the exemplars of {path}) does not exist")

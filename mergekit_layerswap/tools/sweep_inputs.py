@@ -150,7 +150,6 @@ def eval_items(evaluator, tokenizer=None) -> Optional[int]:
     if kind == "exact-match":
         from mergekit_layerswap.tools.evaluate import read_problems
 
-        _check_json_lines(argument)
         problems = read_problems(argument)
         if not problems:
             raise DataError(f"{argument} has no problems; write one JSON object per line with "
@@ -173,25 +172,6 @@ def eval_items(evaluator, tokenizer=None) -> Optional[int]:
             count = len(range(0, max(tokens - 1, 0), window))
             return count if evaluator.limit is None else min(count, evaluator.limit)
     return None
-
-
-def _check_json_lines(path: str) -> None:
-    """Every non-blank line must be a JSON object; name the first that is not."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    item = json.loads(line)
-                except ValueError as error:
-                    raise DataError(f"{path} line {number} is not valid JSON ({error.msg}); "
-                                    "write one JSON object per line") from None
-                if not isinstance(item, dict):
-                    raise DataError(f"{path} line {number} is not a JSON object; write one "
-                                    '{"question": ..., "answer": ...} per line')
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read {path} as UTF-8 text: {error}") from None
 
 
 def is_finite(value: Any) -> bool:
