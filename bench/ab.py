@@ -7,7 +7,7 @@ commit of the package, side by side in one run (issue 14: measure a change, not 
 Uses bench/bench.py's models (generated if missing), recipe, eviction and measuring.
 The older package is exported with ``git archive`` into a scratch folder put first on
 PYTHONPATH for its jobs (it shadows the editable install; mergekit and torch are the
-same). Jobs rotate: old, new, copy one expert / new, copy, old / ...
+same). Jobs rotate: new, old, copy one expert / old, copy, new / ...
 """
 
 from __future__ import annotations
