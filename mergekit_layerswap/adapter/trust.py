@@ -6,8 +6,9 @@
   ``mergekit-pytorch``) and the swap cannot be computed.
 * Every input needs a role; mergekit's API binds ``None`` for a missing one.
 * An average that is not finite names the model and tensor that made it so. The check
-  is one ``isfinite`` pass over the finished output; the inputs are searched only when
-  it fails. A tensor taken whole from one expert is not checked (it is copied as is).
+  sums the finished output block by block (a NaN or inf anywhere makes a block's sum
+  non-finite); only a block whose sum is not finite gets the exact ``isfinite`` test (a
+  sum of finite values can overflow), and the inputs are searched only when that fails. A tensor taken whole from one expert is not checked (it is copied as is).
 * Integer (and boolean) tensors are never averaged: taken whole from one expert they
   are copied; where the rule blends they must be equal in every expert used.
 """
@@ -18,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from mergekit_layerswap.adapter.mixing import row_blocks
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import RecipeError
 
@@ -60,9 +62,21 @@ def _label(entry) -> str:
     return f"base model {entry.id}" if entry.is_base else f"model {entry.id}"
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in blocks of rows: a block's sum in float32 or wider
+    is one cheap pass with no full-size boolean mask (``isfinite`` on a bf16 tensor was
+    a fifth of a merge's time, and its mask ~1 GB for a 70B-width embedding)."""
+    sum_dtype = torch.promote_types(tensor.dtype, torch.float32)
+    for rows in row_blocks(tensor.shape):
+        block = tensor[rows]
+        if not bool(torch.isfinite(block.sum(dtype=sum_dtype))) and not bool(torch.isfinite(block).all()):
+            return False
+    return True
+
+
 def check_finite(result: torch.Tensor, used: Sequence[Any], name: Optional[str]) -> None:
     """Refuse an average with NaN or inf, naming the input (TensorEntry) that holds one."""
-    if bool(torch.isfinite(result).all()):
+    if all_finite(result):
         return
     for entry in used:
         if entry.tensor.is_floating_point() and not bool(torch.isfinite(entry.tensor).all()):
