@@ -111,7 +111,7 @@ def variant_state(name, kind, params, run, experts, root) -> Dict[str, torch.Ten
     from safetensors.torch import load_file
 
     from mergekit_layerswap.tools.assemble import assemble
-    from mergekit_layerswap.tools.sweep import baseline_recipe, variant
+    from mergekit_layerswap.tools.sweep_worker import baseline_recipe, variant
 
     if kind == "model":
         return load_file(os.path.join(root, "base", "model.safetensors"))

@@ -113,12 +113,12 @@ def test_best_recipe_reproduces_the_best_candidate_bit_exactly(setup, tmp_path):
 
 
 def test_streaming_fallback_gives_the_same_results(setup, tmp_path, monkeypatch):
-    import mergekit_layerswap.tools.sweep as sweep
+    import mergekit_layerswap.tools.sweep_worker as sweep_worker
 
     fam, recipe, text = setup
     grid = {"bottom_layers": [1, 2], "top_transition": [1]}
     _run(recipe, tmp_path / "memory", text, grid=grid)
-    monkeypatch.setattr(sweep, "experts_fit_in_memory", lambda run: False)
+    monkeypatch.setattr(sweep_worker, "experts_fit_in_memory", lambda run: False)
     _run(recipe, tmp_path / "stream", text, grid=grid)
     assert (tmp_path / "memory" / "results.csv").read_text() == (tmp_path / "stream" / "results.csv").read_text()
 

@@ -106,7 +106,7 @@ class RayBackend:
         return workers, per_worker
 
     def _start(self) -> None:
-        from mergekit_layerswap.tools.sweep import SweepWorker
+        from mergekit_layerswap.tools.sweep_worker import SweepWorker
 
         self._connect()
         count, per_worker = self._worker_count()
