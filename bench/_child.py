@@ -26,8 +26,11 @@ if mode == "merge":
     from mergekit.scripts.run_yaml import main
 
     with open("/proc/self/status") as handle:
-        after_imports = {line.split(":")[0] + "_after_imports_kB": int(line.split()[1])
-                         for line in handle if line.startswith("RssAnon:")}
+        after_imports = {
+            line.split(":")[0] + "_after_imports_kB": int(line.split()[1])
+            for line in handle
+            if line.startswith("RssAnon:")
+        }
     t0 = time.perf_counter()
     main(args, standalone_mode=False)
     t1 = time.perf_counter()

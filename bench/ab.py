@@ -43,11 +43,13 @@ def main():
     recipe = os.path.join(data, "recipe_a.yaml")
     bench.write_yaml(bench.recipes(data, shape["layers"])["a"], recipe)
     old_src = tempfile.mkdtemp(prefix="ab-old-")
-    archive = subprocess.run(["git", "-C", bench.REPO, "archive", opts.old, "mergekit_layerswap"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", bench.REPO, "archive", opts.old, "mergekit_layerswap"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", old_src], input=archive, check=True)
-    base_env = dict(os.environ, MERGEKIT_LAYERSWAP_CACHE=os.path.join(data, "magnitude-cache"),
-                    TOKENIZERS_PARALLELISM="false")
+    base_env = dict(
+        os.environ, MERGEKIT_LAYERSWAP_CACHE=os.path.join(data, "magnitude-cache"), TOKENIZERS_PARALLELISM="false"
+    )
     envs = {"new": base_env, "old": dict(base_env, PYTHONPATH=old_src), "copy": base_env}
     largest = max(bench.numel(s) for _, s in bench.tensor_specs(shape)) * 2
     outdir = os.path.join(data, "out")
@@ -60,20 +62,32 @@ def main():
             shutil.rmtree(outdir, ignore_errors=True)
             os.sync()
             bench.evict(bench.files_under(data))
-            argv = ["copy", dirs["lang"], out] if job == "copy" else ["merge", recipe, out, "--out-shard-size",
-                                                                          bench.OUT_SHARD]
+            argv = (
+                ["copy", dirs["lang"], out]
+                if job == "copy"
+                else ["merge", recipe, out, "--out-shard-size", bench.OUT_SHARD]
+            )
             row = bench.run_job(argv, envs[job], os.path.join(data, f"log_ab_{job}_{rep}.txt"))
             if job != "copy":
                 row["memory_ratio"] = bench.memory_ratio(row, largest)
             results[job].append(row)
-            print(f"repeat {rep + 1} {job:5s} job {row['job_s']:6.1f} s  wall {row['wall_s']:6.1f} s  RssAnon "
-                  f"{row['rss_anon_peak_mb']:6.0f} MB  load {os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"repeat {rep + 1} {job:5s} job {row['job_s']:6.1f} s  wall {row['wall_s']:6.1f} s  RssAnon "
+                f"{row['rss_anon_peak_mb']:6.0f} MB  load {os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
             shutil.rmtree(outdir, ignore_errors=True)
     shutil.rmtree(old_src, ignore_errors=True)
     med = {job: statistics.median(r["job_s"] for r in rows) for job, rows in results.items()}
-    out = {"shape": label, "old": opts.old, "repeats": opts.repeats, "median_job_s": med,
-           "merge_over_copy": {"old": med["old"] / med["copy"], "new": med["new"] / med["copy"]},
-           "runs": results, "loadavg_end": os.getloadavg()}
+    out = {
+        "shape": label,
+        "old": opts.old,
+        "repeats": opts.repeats,
+        "median_job_s": med,
+        "merge_over_copy": {"old": med["old"] / med["copy"], "new": med["new"] / med["copy"]},
+        "runs": results,
+        "loadavg_end": os.getloadavg(),
+    }
     print(json.dumps({k: out[k] for k in ("median_job_s", "merge_over_copy")}, indent=2))
     path = opts.json or os.path.join(bench.HERE, "results", f"ab-{label}.json")
     json.dump(out, open(path, "w"), indent=2)

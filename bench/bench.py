@@ -120,9 +120,13 @@ def llama_config(s):
         "num_key_value_heads": s["kv_heads"],
         "pretraining_tp": 1,
         "rms_norm_eps": 1e-05,
-        "rope_scaling": {"factor": 32.0 if s["layers"] < 32 else 8.0, "high_freq_factor": 4.0,
-                         "low_freq_factor": 1.0, "original_max_position_embeddings": 8192,
-                         "rope_type": "llama3"},
+        "rope_scaling": {
+            "factor": 32.0 if s["layers"] < 32 else 8.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
         "rope_theta": 500000.0,
         "tie_word_embeddings": s["tied"],
         "torch_dtype": "bfloat16",
@@ -167,8 +171,9 @@ def generate(shape, s, data, shard_bytes):
     for d in dirs.values():
         os.makedirs(d)
         json.dump(llama_config(s), open(os.path.join(d, "config.json"), "w"), indent=2)
-        json.dump({"bos_token_id": 128000, "eos_token_id": 128001},
-                  open(os.path.join(d, "generation_config.json"), "w"))
+        json.dump(
+            {"bos_token_id": 128000, "eos_token_id": 128001}, open(os.path.join(d, "generation_config.json"), "w")
+        )
     weight_map = {}
     for k, shard in enumerate(shards, 1):
         file = f"model-{k:05d}-of-{n:05d}.safetensors"
@@ -217,8 +222,10 @@ def recipes(data, L):
     d = model_dirs(data)
     swap = {
         "merge_method": "layer_swap",
-        "models": [{"model": d["task"], "parameters": {"role": "task"}},
-                   {"model": d["lang"], "parameters": {"role": "language"}}],
+        "models": [
+            {"model": d["task"], "parameters": {"role": "task"}},
+            {"model": d["lang"], "parameters": {"role": "language"}},
+        ],
         # the default recipe: non_layer (average) and weighting (uniform) left at their defaults
         "parameters": dict(zones_for(L)),
         "dtype": "bfloat16",
@@ -237,8 +244,9 @@ def recipes(data, L):
     slices = []
     for role, start, end in runs:
         if role == "blend":
-            sources = [{"model": d[m], "layer_range": [start, end], "parameters": {"weight": 0.5}}
-                       for m in ("lang", "task")]
+            sources = [
+                {"model": d[m], "layer_range": [start, end], "parameters": {"weight": 0.5}} for m in ("lang", "task")
+            ]
         else:
             sources = [{"model": d[role], "layer_range": [start, end], "parameters": {"weight": 1.0}}]
         slices.append({"sources": sources})
@@ -272,8 +280,9 @@ def evict(paths):
 
 
 def resident_bytes(paths):
-    result = subprocess.run(["fincore", "--bytes", "--json", "--output", "RES,FILE", *paths],
-                            check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        ["fincore", "--bytes", "--json", "--output", "RES,FILE", *paths], check=True, capture_output=True, text=True
+    )
     return sum(int(row["res"]) for row in json.loads(result.stdout)["fincore"])
 
 
@@ -305,9 +314,15 @@ def needed_bytes(data, L):
         swap += nbytes * (1 if role in ("lang", "task") else 2)  # experts have equal shapes
         linear += nbytes * (2 if role == "blend" else 1)
     every = {m: sum(v.values()) for m, v in sizes.items()}
-    return {"a": swap, "b": linear, "c": every["lang"], "d_warm": swap, "r": sum(every.values()),
-            # the cold magnitude pass reads all of both experts and the base
-            "d_cold": sum(every.values())}
+    return {
+        "a": swap,
+        "b": linear,
+        "c": every["lang"],
+        "d_warm": swap,
+        "r": sum(every.values()),
+        # the cold magnitude pass reads all of both experts and the base
+        "d_cold": sum(every.values()),
+    }
 
 
 class PeakSampler(threading.Thread):
@@ -337,8 +352,12 @@ def run_job(argv, env, log_path):
         report = handle.name
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([PYTHON, os.path.join(HERE, "_child.py"), argv[0], report, *argv[1:]],
-                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [PYTHON, os.path.join(HERE, "_child.py"), argv[0], report, *argv[1:]],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         sampler = PeakSampler(proc.pid)
         sampler.start()
         _, status, _ = os.wait4(proc.pid, 0)  # (ru_maxrss here would include the bench's own RSS at fork)
@@ -381,9 +400,15 @@ def compare_outputs(dir_a, dir_b, lang_dir, task_dir):
             return st.get_tensor(ref[1])
 
     A, B, LANG, TASK = load_all(dir_a), load_all(dir_b), load_all(lang_dir), load_all(task_dir)
-    result = {"same_names": sorted(A) == sorted(B), "only_a": sorted(set(A) - set(B)),
-              "only_b": sorted(set(B) - set(A)), "equal": 0, "allclose": 0, "different": [],
-              "max_abs_diff": 0.0}
+    result = {
+        "same_names": sorted(A) == sorted(B),
+        "only_a": sorted(set(A) - set(B)),
+        "only_b": sorted(set(B) - set(A)),
+        "equal": 0,
+        "allclose": 0,
+        "different": [],
+        "max_abs_diff": 0.0,
+    }
     non_layer = [n for n in B if not n.startswith("model.layers.")]
     result["non_layer_of_a_is_average"] = {}
     for n in non_layer:
@@ -400,7 +425,8 @@ def compare_outputs(dir_a, dir_b, lang_dir, task_dir):
         else:
             result["different"].append(name)
     result["non_layer_is_language_expert"] = {
-        n: bool(torch.equal(get(B[n]), get(LANG[n]))) for n in non_layer if n in LANG}
+        n: bool(torch.equal(get(B[n]), get(LANG[n]))) for n in non_layer if n in LANG
+    }
     return result
 
 
@@ -412,15 +438,18 @@ def hook_bench(scratch, n=40):
     /tmp/venv's site-packages and the repo (path lines put directories on sys.path but
     are not processed as site directories, so no other .pth runs); the hook is then
     switched by adding/removing a copy of mergekit_layerswap.pth in that venv."""
-    import site
     import sysconfig
 
     venv = os.path.join(scratch, "hook-venv")
     if not os.path.exists(venv):
         subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", venv], check=True)
     py = os.path.join(venv, "bin", "python")
-    sp = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                        check=True, capture_output=True, text=True).stdout.strip()
+    sp = subprocess.run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     with open(os.path.join(sp, "_bench_paths.pth"), "w") as handle:
         handle.write(sysconfig.get_paths()["purelib"] + "\n" + REPO + "\n")
     hook = os.path.join(sp, "mergekit_layerswap.pth")
@@ -434,7 +463,7 @@ def hook_bench(scratch, n=40):
     def series(argv, count):
         times = {"off": [], "on": []}
         for i in range(count):
-            for state in (("off", "on") if i % 2 else ("on", "off")):
+            for state in ("off", "on") if i % 2 else ("on", "off"):
                 if state == "on":
                     shutil.copyfile(source_pth, hook)
                 elif os.path.exists(hook):
@@ -447,12 +476,14 @@ def hook_bench(scratch, n=40):
     for _ in range(3):
         once([py, "-c", "pass"])  # warm the page cache
     pass_times = series([py, "-c", "pass"], n)
-    check = subprocess.run([py, "-c", "import sys; print('mergekit_layerswap' in sys.modules)"],
-                           check=True, capture_output=True, text=True).stdout.strip()
+    check = subprocess.run(
+        [py, "-c", "import sys; print('mergekit_layerswap' in sys.modules)"], check=True, capture_output=True, text=True
+    ).stdout.strip()
     mk_times = series([py, "-c", "import mergekit.scripts.run_yaml"], 5)
     # -X importtime in the real dev venv: self+cumulative of this package's modules
-    stderr = subprocess.run([PYTHON, "-X", "importtime", "-c", "pass"], check=True,
-                            capture_output=True, text=True).stderr
+    stderr = subprocess.run(
+        [PYTHON, "-X", "importtime", "-c", "pass"], check=True, capture_output=True, text=True
+    ).stderr
     own = []
     for line in stderr.splitlines():
         m = re.match(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)", line)
@@ -487,16 +518,24 @@ def memory_ratio(row, largest_bytes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=SHAPES, default="1b")
-    ap.add_argument("--layers", type=int, help="decoder layers (default: the shape's own); the widths, "
-                    "hence every tensor's size, stay the shape's, so a wide shape fits a small disk")
+    ap.add_argument(
+        "--layers",
+        type=int,
+        help="decoder layers (default: the shape's own); the widths, "
+        "hence every tensor's size, stay the shape's, so a wide shape fits a small disk",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jobs", default=",".join(JOBS), help=f"comma-separated subset of {','.join(JOBS)}")
     ap.add_argument("--json", help="results file (default bench/results/<shape>[-L<layers>].json)")
     ap.add_argument("--data", default=os.path.join(HERE, "data"), help="generated models (git-ignored)")
     ap.add_argument("--shard-size", type=float, default=2.0, help="input shard size in GB (default 2)")
     ap.add_argument("--clean", action="store_true", help="delete this shape's generated models at the end")
-    ap.add_argument("--no-check", action="store_true", help="skip the a-vs-b output check (saves one "
-                    "output's disk space: every output is deleted right after its job)")
+    ap.add_argument(
+        "--no-check",
+        action="store_true",
+        help="skip the a-vs-b output check (saves one "
+        "output's disk space: every output is deleted right after its job)",
+    )
     ap.add_argument("--generate-only", action="store_true", help="only generate the models")
     ap.add_argument("--no-hook", action="store_true", help="skip the start-up hook timing")
     ap.add_argument("--hook-only", action="store_true", help="only time the start-up hook")
@@ -513,7 +552,9 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
     os.makedirs(opts.data, exist_ok=True)
     machine = {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
         "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
     }
     if opts.hook_only:
@@ -550,8 +591,9 @@ def main():
         recipe = recipe_paths["d" if job.startswith("d") else job]
         return ["merge", recipe, out, "--out-shard-size", OUT_SHARD]
 
-    groups = [[j] for j in ("a", "b", "c", "r") if j in jobs] + ([[j for j in ("d_cold", "d_warm") if j in jobs]]
-                                                             if "d_cold" in jobs else [])
+    groups = [[j] for j in ("a", "b", "c", "r") if j in jobs] + (
+        [[j for j in ("d_cold", "d_warm") if j in jobs]] if "d_cold" in jobs else []
+    )
     results = {job: [] for job in jobs}
     check = None
     want_check = not opts.no_check and "a" in jobs and "b" in jobs
@@ -573,16 +615,25 @@ def main():
             if job not in ("c", "r"):
                 row["memory_ratio"] = memory_ratio(row, largest)
             results[job].append(row)
-            print(f"repeat {rep + 1}/{opts.repeats} {job:7s} wall {row['wall_s']:6.1f} s  job "
-                  f"{row['job_s']:6.1f} s  RssAnon {row['rss_anon_peak_mb']:6.0f} MB (after imports "
-                  f"{row['rss_anon_after_imports_mb']:4.0f})  VmHWM {row['vmhwm_mb']:6.0f} MB  read "
-                  f"{row['read_bytes'] / 1e9:5.2f} GB ({row['read_over_needed']:.3f} x needed)"
-                  + (f"  memory ratio {row['memory_ratio']:.2f}" if "memory_ratio" in row else ""), flush=True)
+            print(
+                f"repeat {rep + 1}/{opts.repeats} {job:7s} wall {row['wall_s']:6.1f} s  job "
+                f"{row['job_s']:6.1f} s  RssAnon {row['rss_anon_peak_mb']:6.0f} MB (after imports "
+                f"{row['rss_anon_after_imports_mb']:4.0f})  VmHWM {row['vmhwm_mb']:6.0f} MB  read "
+                f"{row['read_bytes'] / 1e9:5.2f} GB ({row['read_over_needed']:.3f} x needed)"
+                + (f"  memory ratio {row['memory_ratio']:.2f}" if "memory_ratio" in row else ""),
+                flush=True,
+            )
             if check is None and want_check and all(os.path.exists(os.path.join(outdir, j)) for j in "ab"):
-                check = compare_outputs(os.path.join(outdir, "a"), os.path.join(outdir, "b"), dirs["lang"],
-                                        dirs["task"])
-                print("a vs b:", json.dumps({k: v for k, v in check.items() if k != "non_layer_is_language_expert"}),
-                      "non-layer of b == language expert:", check["non_layer_is_language_expert"], flush=True)
+                check = compare_outputs(
+                    os.path.join(outdir, "a"), os.path.join(outdir, "b"), dirs["lang"], dirs["task"]
+                )
+                print(
+                    "a vs b:",
+                    json.dumps({k: v for k, v in check.items() if k != "non_layer_is_language_expert"}),
+                    "non-layer of b == language expert:",
+                    check["non_layer_is_language_expert"],
+                    flush=True,
+                )
             if not (want_check and check is None and job in "ab"):
                 shutil.rmtree(os.path.join(outdir, job), ignore_errors=True)  # disk: one output at a time
         shutil.rmtree(outdir, ignore_errors=True)
@@ -597,31 +648,51 @@ def main():
     if "d_cold" in med and "d_warm" in med and "r" in med:
         # the magnitude pass alone (cold job minus the same merge from the cache) against
         # reading the files it reads (base and both experts) once
-        ratios["magnitude pass / reading its inputs"] = (med["d_cold"]["job_s"] - med["d_warm"]["job_s"]) / med["r"]["job_s"]
+        ratios["magnitude pass / reading its inputs"] = (med["d_cold"]["job_s"] - med["d_warm"]["job_s"]) / med["r"][
+            "job_s"
+        ]
     model_bytes = sum(stored_bytes(dirs["lang"]).values())
-    print(f"\nshape {label}: {L} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
-          f"{model_bytes / 1e9:.2f} GB per model, largest output tensor {largest / 1e6:.0f} MB (bf16), "
-          f"medians of {opts.repeats} repeats, --out-shard-size {OUT_SHARD}")
-    print(f"{'job':8s} {'wall s':>7s} {'job s':>7s} {'imp. s':>7s} {'RssAnon MB':>10s} {'imp. MB':>8s} "
-          f"{'mem ratio':>9s} {'VmHWM MB':>9s} {'read GB':>8s} {'need GB':>8s} {'read/need':>9s}")
+    print(
+        f"\nshape {label}: {L} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
+        f"{model_bytes / 1e9:.2f} GB per model, largest output tensor {largest / 1e6:.0f} MB (bf16), "
+        f"medians of {opts.repeats} repeats, --out-shard-size {OUT_SHARD}"
+    )
+    print(
+        f"{'job':8s} {'wall s':>7s} {'job s':>7s} {'imp. s':>7s} {'RssAnon MB':>10s} {'imp. MB':>8s} "
+        f"{'mem ratio':>9s} {'VmHWM MB':>9s} {'read GB':>8s} {'need GB':>8s} {'read/need':>9s}"
+    )
     for job in jobs:
         m = med[job]
         mem = f"{m['memory_ratio']:9.2f}" if "memory_ratio" in m else f"{'':9s}"
-        print(f"{job:8s} {m['wall_s']:7.1f} {m['job_s']:7.1f} {m['imports_s']:7.1f} "
-              f"{m['rss_anon_peak_mb']:10.0f} {m['rss_anon_after_imports_mb']:8.0f} {mem} {m['vmhwm_mb']:9.0f} "
-              f"{m['read_bytes'] / 1e9:8.2f} {needed[job] / 1e9:8.2f} {m['read_over_needed']:9.3f}")
+        print(
+            f"{job:8s} {m['wall_s']:7.1f} {m['job_s']:7.1f} {m['imports_s']:7.1f} "
+            f"{m['rss_anon_peak_mb']:10.0f} {m['rss_anon_after_imports_mb']:8.0f} {mem} {m['vmhwm_mb']:9.0f} "
+            f"{m['read_bytes'] / 1e9:8.2f} {needed[job] / 1e9:8.2f} {m['read_over_needed']:9.3f}"
+        )
     for name, value in ratios.items():
         print(f"{name:30s} {value:.3f}")
 
     hook = None if opts.no_hook else hook_bench(opts.data)
     if hook:
-        print(f"start-up hook: python -c pass {hook['pass_ms_without_hook_median']:.1f} ms without, "
-              f"{hook['pass_ms_with_hook_median']:.1f} ms with: +{hook['pass_ms_added_median']:.1f} ms (median)")
+        print(
+            f"start-up hook: python -c pass {hook['pass_ms_without_hook_median']:.1f} ms without, "
+            f"{hook['pass_ms_with_hook_median']:.1f} ms with: +{hook['pass_ms_added_median']:.1f} ms (median)"
+        )
     out = {
-        "shape": label, "config": shape, "zones": zones_for(L), "repeats": opts.repeats,
-        "out_shard_size": OUT_SHARD, "model_bytes": model_bytes, "largest_output_tensor_bytes": largest,
-        "needed_bytes": needed, "machine": machine, "median": med, "ratios": ratios, "runs": results,
-        "a_vs_b": check, "hook": hook,
+        "shape": label,
+        "config": shape,
+        "zones": zones_for(L),
+        "repeats": opts.repeats,
+        "out_shard_size": OUT_SHARD,
+        "model_bytes": model_bytes,
+        "largest_output_tensor_bytes": largest,
+        "needed_bytes": needed,
+        "machine": machine,
+        "median": med,
+        "ratios": ratios,
+        "runs": results,
+        "a_vs_b": check,
+        "hook": hook,
         "recipes": {k: open(p).read() for k, p in recipe_paths.items()},
     }
     json.dump(out, open(json_path, "w"), indent=2)

@@ -66,8 +66,10 @@ def run_demo(root: str, extra: list) -> dict:
 
 
 def print_run(name: str, run: dict) -> None:
-    print(f"\n{name}: wall {run['wall']:.1f} s, cpu {run['cpu']:.1f} s "
-          f"(1-min load average {run['load_before']:.1f} before, {run['load_after']:.1f} after)")
+    print(
+        f"\n{name}: wall {run['wall']:.1f} s, cpu {run['cpu']:.1f} s "
+        f"(1-min load average {run['load_before']:.1f} before, {run['load_after']:.1f} after)"
+    )
     print(f"  {'step':<24} {'wall s':>8} {'cpu s':>8}")
     for step, seconds in run["steps"].items():
         print(f"  {step:<24} {seconds['wall']:>8.1f} {seconds['cpu']:>8.1f}")
@@ -98,8 +100,11 @@ def main() -> None:
         from mergekit_layerswap.demo.finetune import native_bfloat16
 
         machine = {
-            "cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-            "native_bfloat16": native_bfloat16(), "wheels_predownloaded": bool(args.wheels),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "native_bfloat16": native_bfloat16(),
+            "wheels_predownloaded": bool(args.wheels),
             "demo_options": args.extra,
         }
         print(json.dumps(machine))

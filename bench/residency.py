@@ -49,7 +49,7 @@ def main():
             header.pop("__metadata__", None)
             start = 8 + n
 
-            def res(lo, hi):
+            def res(lo, hi, bits=bits):
                 return sum(PAGE for p in range(lo // PAGE, (hi + PAGE - 1) // PAGE) if bits[p] & 1)
 
             total = sum(PAGE for b in bits if b & 1)

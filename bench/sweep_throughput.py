@@ -57,9 +57,16 @@ def make_models() -> str:
     from transformers import LlamaConfig
 
     def config():
-        return LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=4,
-                           num_key_value_heads=4, vocab_size=2048, max_position_embeddings=1024,
-                           tie_word_embeddings=False)
+        return LlamaConfig(
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=2048,
+            max_position_embeddings=1024,
+            tie_word_embeddings=False,
+        )
 
     arch = Arch("llama-small", config, "model.layers.{}.", 8)
     os.makedirs(DATA, exist_ok=True)
@@ -71,10 +78,16 @@ def make_models() -> str:
         handle.write(words)
     import yaml
 
-    recipe = {"merge_method": "layer_swap", "base_model": base, "dtype": "float32",
-              "models": [{"model": task, "parameters": {"role": "task"}},
-                         {"model": lang, "parameters": {"role": "language"}}],
-              "parameters": {"weighting": "magnitude"}}
+    recipe = {
+        "merge_method": "layer_swap",
+        "base_model": base,
+        "dtype": "float32",
+        "models": [
+            {"model": task, "parameters": {"role": "task"}},
+            {"model": lang, "parameters": {"role": "language"}},
+        ],
+        "parameters": {"weighting": "magnitude"},
+    }
     with open(os.path.join(DATA, "recipe.yaml"), "w") as handle:
         yaml.safe_dump(recipe, handle, sort_keys=False)
     return DATA
@@ -83,9 +96,21 @@ def make_models() -> str:
 def run_job(name: str, limit: int, cache: str) -> dict:
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-layerswap")
     out = tempfile.mkdtemp(prefix=f"sweep-bench-{name}-")
-    command = [exe, "sweep", os.path.join(DATA, "recipe.yaml"), *GRID, "--eval",
-               f"perplexity:{os.path.join(DATA, 'text.txt')}", "--limit", str(limit), "--no-baselines",
-               "--quiet", "--out", out, *JOBS[name]]
+    command = [
+        exe,
+        "sweep",
+        os.path.join(DATA, "recipe.yaml"),
+        *GRID,
+        "--eval",
+        f"perplexity:{os.path.join(DATA, 'text.txt')}",
+        "--limit",
+        str(limit),
+        "--no-baselines",
+        "--quiet",
+        "--out",
+        out,
+        *JOBS[name],
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MERGEKIT_LAYERSWAP_CACHE": cache, "RAY_USAGE_STATS_ENABLED": "0"}
     if name == "serial-1thread":
         env["OMP_NUM_THREADS"] = "1"
@@ -99,9 +124,16 @@ def run_job(name: str, limit: int, cache: str) -> dict:
         summary = json.load(handle)
     best = [line for line in done.stdout.splitlines() if line.startswith("best:")]
     shutil.rmtree(out)
-    return {"job": name, "wall_s": round(wall, 2), "candidates_per_hour": round(CANDIDATES * 3600 / wall, 1),
-            "items_spent": summary["items_spent"], "items_full_grid": summary["items_full_grid"],
-            "rungs": summary["rungs"], "best": best[0] if best else None, "load_average_1min_at_start": load}
+    return {
+        "job": name,
+        "wall_s": round(wall, 2),
+        "candidates_per_hour": round(CANDIDATES * 3600 / wall, 1),
+        "items_spent": summary["items_spent"],
+        "items_full_grid": summary["items_full_grid"],
+        "rungs": summary["rungs"],
+        "best": best[0] if best else None,
+        "load_average_1min_at_start": load,
+    }
 
 
 def main() -> None:
@@ -115,20 +147,27 @@ def main() -> None:
     runs = []
     order = list(JOBS)
     for repeat in range(args.repeats):
-        for name in order[repeat % len(order):] + order[:repeat % len(order)]:  # rotate the order
+        for name in order[repeat % len(order) :] + order[: repeat % len(order)]:  # rotate the order
             result = run_job(name, args.limit, cache)
             print(json.dumps(result))
             runs.append(result)
     shutil.rmtree(cache)
     best_wall = {name: min(r["wall_s"] for r in runs if r["job"] == name) for name in JOBS}
     report = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-                    "note": "2 CPU cores shared with other jobs running at the same time (see the load "
-                            "averages): absolute numbers are noisy, compare within one run; no GPU"},
-        "setup": {"model": "Llama, hidden 256, 8 layers, vocab 2048, ~7.4M parameters, fp32",
-                  "grid": "bottom_layers x top_layers in {1,2,3}: 9 candidates, no baselines",
-                  "eval": f"perplexity on {args.limit} windows of 512 tokens", "weighting": "magnitude"},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
+            "note": "2 CPU cores shared with other jobs running at the same time (see the load "
+            "averages): absolute numbers are noisy, compare within one run; no GPU",
+        },
+        "setup": {
+            "model": "Llama, hidden 256, 8 layers, vocab 2048, ~7.4M parameters, fp32",
+            "grid": "bottom_layers x top_layers in {1,2,3}: 9 candidates, no baselines",
+            "eval": f"perplexity on {args.limit} windows of 512 tokens",
+            "weighting": "magnitude",
+        },
         "load_average_1min_end": os.getloadavg()[0],
         "runs": runs,
         "best_wall_s": best_wall,

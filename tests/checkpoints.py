@@ -29,36 +29,68 @@ class Arch:
         head, _, _ = self.layer_prefix.partition("{}")
         if not tensor_name.startswith(head):
             return None
-        return int(tensor_name[len(head):].split(".", 1)[0])
+        return int(tensor_name[len(head) :].split(".", 1)[0])
 
 
 def _llama():
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=8, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def _qwen2():
     from transformers import Qwen2Config
 
-    return Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+    return Qwen2Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def _mistral():
     from transformers import MistralConfig
 
-    return MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False)
+    return MistralConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 def _gemma2():
     from transformers import Gemma2Config
 
-    return Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=64,
-                        tie_word_embeddings=True)
+    return Gemma2Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
 
 
 def _gpt2():
@@ -70,9 +102,17 @@ def _gpt2():
 def _phi3():
     from transformers import Phi3Config
 
-    return Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=4, vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0,
-                      tie_word_embeddings=False)
+    return Phi3Config(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
 
 
 ARCHS: Dict[str, Arch] = {
@@ -99,9 +139,16 @@ def _write_tokenizer(path: str, marker: str, size: int = VOCAB) -> None:
         json.dump({"marker": marker, "max_new_tokens": len(marker)}, handle)
 
 
-def make_model(arch: Arch, path: str, seed: int, base_path: Optional[str] = None, noise: float = 0.02,
-               dtype: torch.dtype = torch.float32, noise_by_layer: Optional[Dict[int, float]] = None,
-               max_shard_size: Optional[str] = None) -> str:
+def make_model(
+    arch: Arch,
+    path: str,
+    seed: int,
+    base_path: Optional[str] = None,
+    noise: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+    noise_by_layer: Optional[Dict[int, float]] = None,
+    max_shard_size: Optional[str] = None,
+) -> str:
     """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
     from transformers import AutoModelForCausalLM
 

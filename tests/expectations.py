@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional, Union
 
 import torch
-
 from checkpoints import load_tensors
 
 Weight = Union[float, Callable[[str, Optional[int]], float]]
@@ -36,9 +35,17 @@ def row_mav_mean(expert_dir: str, base_dir: str) -> float:
     return total / rows
 
 
-def check_swap(out_dir: str, family, sources: str, w_task: Weight = 1.0, w_lang: Weight = 1.0,
-               non_layer: str = "B", blend_share: Optional[Callable[[int], float]] = None,
-               atol: float = 1e-6, rtol: float = 1e-5) -> Dict[str, int]:
+def check_swap(
+    out_dir: str,
+    family,
+    sources: str,
+    w_task: Weight = 1.0,
+    w_lang: Weight = 1.0,
+    non_layer: str = "B",
+    blend_share: Optional[Callable[[int], float]] = None,
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
+) -> Dict[str, int]:
     """Compare every output tensor with its expectation; return counts per kind.
 
     ``sources`` has one letter per decoder layer; ``non_layer`` is the letter for

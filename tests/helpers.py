@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import yaml
-
 from checkpoints import Arch, make_model
 
 
@@ -69,7 +68,10 @@ def run_yaml_subprocess(recipe_path, out_path, *options, cwd=None, env=None):
     exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     return subprocess.run(
         [exe, str(recipe_path), str(out_path), *options],
-        capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
     )
 
 

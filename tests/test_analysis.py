@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
-
 from checkpoints import ARCHS, load_tensors, make_model
+from click.testing import CliRunner
 from helpers import run_yaml_inprocess
 
 LLAMA = ARCHS["llama"]  # 8 decoder layers
@@ -68,8 +67,18 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="module")
 def analysed(planted, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis") / "out"
-    result = invoke("analyze", "--base", planted["base"], "--expert", planted["lang"],
-                    "--expert", planted["task"], "--out", out, "--quiet")
+    result = invoke(
+        "analyze",
+        "--base",
+        planted["base"],
+        "--expert",
+        planted["lang"],
+        "--expert",
+        planted["task"],
+        "--out",
+        out,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     return out, result
 
@@ -104,8 +113,9 @@ def test_stats_match_row_mavs_computed_from_the_files(planted, analysed, expert)
     auto = float(np.quantile(np.concatenate(matrices), 0.9))
     info = next(e for e in document["experts"] if e["name"] == expert)
     assert info["num_layers"] == 8 and info["columns"] == LLAMA_COLUMNS
-    assert next(t for t in document["thresholds"] if t["label"] == "auto")["per_expert"][expert] == \
-        pytest.approx(auto, rel=1e-5)
+    assert next(t for t in document["thresholds"] if t["label"] == "auto")["per_expert"][expert] == pytest.approx(
+        auto, rel=1e-5
+    )
     for name, values in expected.items():
         row = rows[name]
         assert (row["layer"], row["parameter"]) == expected_parameter(name)
@@ -118,8 +128,9 @@ def test_stats_match_row_mavs_computed_from_the_files(planted, analysed, expert)
     noise = LANG_NOISE if expert == "lang" else TASK_NOISE
     for name, row in rows.items():
         assert (row["mean_row_mav"] > 0) == (noise.get(row["layer"], 0) > 0), name
-    planted_profile = [np.mean(np.concatenate([v for n, v in expected.items() if LLAMA.layer_of(n) == layer]))
-                       for layer in range(8)]
+    planted_profile = [
+        np.mean(np.concatenate([v for n, v in expected.items() if LLAMA.layer_of(n) == layer])) for layer in range(8)
+    ]
     assert info["layer_profile"] == pytest.approx(planted_profile, rel=1e-5, abs=1e-12)
 
 
@@ -147,8 +158,10 @@ def png(path):
 
 def test_figures_have_the_documented_pixel_sizes(analysed):
     out, result = analysed
-    sizes = {name: png(out / name).shape[:2] for name in
-             ("lang_heatmap.png", "task_heatmap.png", "comparison_heatmap.png", "profile.png")}
+    sizes = {
+        name: png(out / name).shape[:2]
+        for name in ("lang_heatmap.png", "task_heatmap.png", "comparison_heatmap.png", "profile.png")
+    }
     assert sizes == {
         "lang_heatmap.png": (800, 640),
         "task_heatmap.png": (800, 640),
@@ -167,8 +180,20 @@ def has_colour(image, rgb):
 def test_heatmap_threshold_colours_changed_and_unchanged_layers(planted, tmp_path):
     # every planted row moves by ~0.8 x noise >> 1e-3, unchanged rows by exactly 0
     out = tmp_path / "single"
-    result = invoke("analyze", "--base", planted["base"], "--expert", planted["task"], "--out", out,
-                    "--heatmap-threshold", "1e-3", "--threshold", "2e-3", "--quiet")
+    result = invoke(
+        "analyze",
+        "--base",
+        planted["base"],
+        "--expert",
+        planted["task"],
+        "--out",
+        out,
+        "--heatmap-threshold",
+        "1e-3",
+        "--threshold",
+        "2e-3",
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     image = png(out / "task_heatmap.png")
     assert has_colour(image, VIRIDIS_HIGH) and has_colour(image, VIRIDIS_LOW)
@@ -191,8 +216,18 @@ def suggested(result, path):
 @pytest.mark.parametrize("clip", [False, True])
 def test_suggest_recovers_the_planted_zones(planted, tmp_path, clip):
     path = tmp_path / "recipe.yaml"
-    args = ["suggest", "--base", planted["base"], "--task", planted["task"], "--language", planted["lang"],
-            "--out", path, "--quiet"] + ([] if clip else ["--no-clip"])
+    args = [
+        "suggest",
+        "--base",
+        planted["base"],
+        "--task",
+        planted["task"],
+        "--language",
+        planted["lang"],
+        "--out",
+        path,
+        "--quiet",
+    ] + ([] if clip else ["--no-clip"])
     result = invoke(*args)
     recipe, zones = suggested(result, path)
     assert zones == (K_BOTTOM, M_TOP, 0, 0)  # 3 and 1 lie inside the paper's ranges: clipping changes nothing
@@ -208,19 +243,50 @@ def test_suggest_recovers_the_planted_zones(planted, tmp_path, clip):
 
 def test_suggest_finds_the_transition_layer_and_clips_it_into_range(planted, tmp_path):
     raw = tmp_path / "raw.yaml"
-    result = invoke("suggest", "--base", planted["base"], "--task", planted["task"], "--language",
-                    planted["lang_t"], "--out", raw, "--quiet", "--no-clip")
+    result = invoke(
+        "suggest",
+        "--base",
+        planted["base"],
+        "--task",
+        planted["task"],
+        "--language",
+        planted["lang_t"],
+        "--out",
+        raw,
+        "--quiet",
+        "--no-clip",
+    )
     assert suggested(result, raw)[1] == (3, 1, 1, 0)
     clipped = tmp_path / "clipped.yaml"
-    result = invoke("suggest", "--base", planted["base"], "--task", planted["task"], "--language",
-                    planted["lang_t"], "--out", clipped, "--quiet")
+    result = invoke(
+        "suggest",
+        "--base",
+        planted["base"],
+        "--task",
+        planted["task"],
+        "--language",
+        planted["lang_t"],
+        "--out",
+        clipped,
+        "--quiet",
+    )
     assert suggested(result, clipped)[1] == (3, 1, 1, 0)
 
 
 def test_suggested_recipe_runs_with_mergekit_yaml(planted, tmp_path):
     path = tmp_path / "recipe.yaml"
-    result = invoke("suggest", "--base", planted["base"], "--task", planted["task"], "--language",
-                    planted["lang"], "--out", path, "--quiet")
+    result = invoke(
+        "suggest",
+        "--base",
+        planted["base"],
+        "--task",
+        planted["task"],
+        "--language",
+        planted["lang"],
+        "--out",
+        path,
+        "--quiet",
+    )
     assert result.exit_code == 0, result.output
     merged = run_yaml_inprocess(path, tmp_path / "merged")
     assert merged.exit_code == 0, merged.output
@@ -232,8 +298,10 @@ def test_suggested_recipe_runs_with_mergekit_yaml(planted, tmp_path):
 
 
 def test_suggest_prints_the_recipe_to_stdout_without_out(planted):
-    result = CliRunner().invoke(cli(), ["suggest", "--base", planted["base"], "--task", planted["task"],
-                                        "--language", planted["lang"], "--quiet"])
+    result = CliRunner().invoke(
+        cli(),
+        ["suggest", "--base", planted["base"], "--task", planted["task"], "--language", planted["lang"], "--quiet"],
+    )
     assert result.exit_code == 0, result.output
     recipe = yaml.safe_load(result.stdout)
     assert recipe["parameters"]["bottom_layers"] == K_BOTTOM
@@ -311,8 +379,17 @@ def test_unknown_model_path(planted, tmp_path):
 
 @pytest.mark.parametrize("value", ["-1", "0", "abc", "nan"])
 def test_bad_threshold(planted, tmp_path, value):
-    result = invoke("analyze", "--base", planted["base"], "--expert", planted["lang"], "--out", tmp_path / "out",
-                    "--threshold", value)
+    result = invoke(
+        "analyze",
+        "--base",
+        planted["base"],
+        "--expert",
+        planted["lang"],
+        "--out",
+        tmp_path / "out",
+        "--threshold",
+        value,
+    )
     assert_one_line_error(result, "--threshold", "positive number")
     assert not (tmp_path / "out").exists()
 

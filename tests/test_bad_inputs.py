@@ -21,11 +21,10 @@ from typing import Callable, Tuple
 
 import pytest
 import torch
-from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
-
 from checkpoints import ARCHS, Arch, make_model
+from click.testing import CliRunner
 from helpers import assert_one_line_error, run_yaml_inprocess
+from safetensors.torch import load_file, save_file
 
 RECIPE = """merge_method: layer_swap
 base_model: {base}
@@ -68,6 +67,7 @@ def sub(old: str, new: str) -> Callable[[World], None]:
     def change(w: World) -> None:
         assert old in w.text, old
         w.text = w.text.replace(old, new, 1)
+
     return change
 
 
@@ -83,6 +83,7 @@ def both(*changes) -> Callable[[World], None]:
     def change(w: World) -> None:
         for c in changes:
             c(w)
+
     return change
 
 
@@ -103,6 +104,7 @@ def write_bytes(name: str, data: Callable[[bytes], bytes]) -> Callable[[World], 
             old = handle.read()
         with open(path, "wb") as handle:
             handle.write(data(old))
+
     return change
 
 
@@ -110,15 +112,19 @@ def remove_weights(name: str) -> Callable[[World], None]:
     return lambda w: os.remove(w.weights(name))
 
 
-def sharded(name: str, edit_index: Callable[[dict, World], None] = lambda index, w: None,
-            drop_shard: bool = False) -> Callable[[World], None]:
+def sharded(
+    name: str, edit_index: Callable[[dict, World], None] = lambda index, w: None, drop_shard: bool = False
+) -> Callable[[World], None]:
     """Split ``name``'s weights into two shards with an index, then edit the index."""
+
     def change(w: World) -> None:
         tensors = load_file(w.weights(name))
         os.remove(w.weights(name))
         names = sorted(tensors)
-        halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-                  "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+        halves = {
+            "model-00001-of-00002.safetensors": names[: len(names) // 2],
+            "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+        }
         index = {"metadata": {}, "weight_map": {}}
         for shard, keys in halves.items():
             save_file({k: tensors[k] for k in keys}, os.path.join(w.model(name), shard), metadata={"format": "pt"})
@@ -128,6 +134,7 @@ def sharded(name: str, edit_index: Callable[[dict, World], None] = lambda index,
         edit_index(index, w)
         with open(os.path.join(w.model(name), "model.safetensors.index.json"), "w") as handle:
             json.dump(index, handle)
+
     return change
 
 
@@ -135,6 +142,7 @@ def shard_path(path: Callable[[World], str]) -> Callable[[dict, World], None]:
     def edit(index: dict, w: World) -> None:
         first = next(iter(index["weight_map"]))
         index["weight_map"][first] = path(w)
+
     return edit
 
 
@@ -150,11 +158,13 @@ def as_dtype(name: str, dtype: torch.dtype) -> Callable[[World], None]:
     def change(w: World) -> None:
         tensors = {k: v.to(dtype) for k, v in load_file(w.weights(name)).items()}
         save_file(tensors, w.weights(name), metadata={"format": "pt"})
+
     return change
 
 
 def replace_lang(**config_overrides) -> Callable[[World], None]:
     """The language expert becomes a model with other config values (e.g. hidden size)."""
+
     def change(w: World) -> None:
         base = ARCHS["llama"]
 
@@ -166,25 +176,54 @@ def replace_lang(**config_overrides) -> Callable[[World], None]:
 
         shutil.rmtree(w.model("lang"))
         make_model(Arch("variant", config, base.layer_prefix, 8), w.model("lang"), seed=11)
+
     return change
 
 
 # name | change | words in the one Error: line ("!word": must not appear)
 CASES: Tuple[Tuple[str, Callable[[World], None], Tuple[str, ...]], ...] = (
     # unknown keys: mergekit's schema would drop them and merge with defaults
-    ("typo paramters", sub("parameters:\n  bottom", "paramters:\n  bottom"), ("line 12", "paramters", "did you mean `parameters`")),
+    (
+        "typo paramters",
+        sub("parameters:\n  bottom", "paramters:\n  bottom"),
+        ("line 12", "paramters", "did you mean `parameters`"),
+    ),
     ("unknown top-level key", add("foo: 1\n"), ("line 16", "unknown key `foo`")),
     ("parameter at top level", add("top_transition: 1\n"), ("top_transition", "under `parameters:`")),
-    ("typo in a model entry", sub("    parameters:\n      role: task", "    paramters:\n      role: task"), ("line 5", "models[0]", "did you mean `parameters`")),
-    ("weight next to model:", sub("  - model: {task}\n", "  - model: {task}\n    weight: 2\n"), ("models[0].weight", "parameters:")),
-    ("typo in parameters", sub("bottom_layers: 2", "botom_layers: 2"), ("parameters.botom_layers", "did you mean `bottom_layers`")),
+    (
+        "typo in a model entry",
+        sub("    parameters:\n      role: task", "    paramters:\n      role: task"),
+        ("line 5", "models[0]", "did you mean `parameters`"),
+    ),
+    (
+        "weight next to model:",
+        sub("  - model: {task}\n", "  - model: {task}\n    weight: 2\n"),
+        ("models[0].weight", "parameters:"),
+    ),
+    (
+        "typo in parameters",
+        sub("bottom_layers: 2", "botom_layers: 2"),
+        ("parameters.botom_layers", "did you mean `bottom_layers`"),
+    ),
     ("typo in model parameters", sub("role: task", "rol: task"), ("models[0].parameters.rol", "did you mean `role`")),
-    ("typo in a model reference", sub("model: {task}\n", "model: {{model: {{pth: {task}}}}}\n"), ("pth", "did you mean `path`")),
+    (
+        "typo in a model reference",
+        sub("model: {task}\n", "model: {{model: {{pth: {task}}}}}\n"),
+        ("pth", "did you mean `path`"),
+    ),
     ("typo in tokenizer", add("tokenizer:\n  sorce: base\n"), ("sorce", "did you mean `source`")),
     ("key given twice", add("parameters:\n  top_layers: 2\n"), ("parameters", "twice", "line 12")),
-    ("filter key typo", sub("weight: 1.0\n  - model: {lang}", "weight: {{filtr: mlp, value: 2}}\n  - model: {lang}"), ("filtr", "did you mean `filter`")),
+    (
+        "filter key typo",
+        sub("weight: 1.0\n  - model: {lang}", "weight: {{filtr: mlp, value: 2}}\n  - model: {lang}"),
+        ("filtr", "did you mean `filter`"),
+    ),
     # YAML null, empty or misplaced values
-    ("null zone size", sub("bottom_layers: 2", "bottom_layers:"), ("parameters.bottom_layers", "null", "bottom_layers: 5")),
+    (
+        "null zone size",
+        sub("bottom_layers: 2", "bottom_layers:"),
+        ("parameters.bottom_layers", "null", "bottom_layers: 5"),
+    ),
     ("null role", sub("role: task", "role: null"), ("models[0].parameters.role", "null", "role: task")),
     ("null weight", sub("weight: 1.0", "weight: ~"), ("models[0].parameters.weight", "null")),
     ("null in a gradient", sub("weight: 1.0", "weight: [1.0, null]"), ("weight", "null")),
@@ -193,12 +232,32 @@ CASES: Tuple[Tuple[str, Callable[[World], None], Tuple[str, ...]], ...] = (
     ("models null", whole("merge_method: layer_swap\nmodels:\n"), ("models is empty",)),
     ("no models key", whole("merge_method: layer_swap\nparameters: {{bottom_layers: 1}}\n"), ("no `models:`",)),
     ("models is a mapping", whole("merge_method: layer_swap\nmodels:\n  task: {task}\n"), ("models must be a list",)),
-    ("model entry is a string", whole("merge_method: layer_swap\nmodels:\n  - {task}\n  - {lang}\n"), ("models[0] must be a mapping", "line 3")),
-    ("model entry without model", sub("  - model: {task}\n    parameters:", "  - parameters:"), ("models[0] has no model path",)),
+    (
+        "model entry is a string",
+        whole("merge_method: layer_swap\nmodels:\n  - {task}\n  - {lang}\n"),
+        ("models[0] must be a mapping", "line 3"),
+    ),
+    (
+        "model entry without model",
+        sub("  - model: {task}\n    parameters:", "  - parameters:"),
+        ("models[0] has no model path",),
+    ),
     ("null model path", sub("model: {task}", "model:"), ("models[0] has no model path",)),
-    ("parameters is a list", sub("parameters:\n  bottom_layers: 2\n  top_layers: 1\n", "parameters: [2, 1]\n"), ("parameters must be a mapping",)),
-    ("model parameters is a list", sub("    parameters:\n      role: task\n      weight: 1.0\n", "    parameters: [task]\n"), ("models[0].parameters must be a mapping",)),
-    ("parameter is a mapping", sub("bottom_layers: 2", "bottom_layers: {{layers: 2}}"), ("parameters.bottom_layers", "mapping")),
+    (
+        "parameters is a list",
+        sub("parameters:\n  bottom_layers: 2\n  top_layers: 1\n", "parameters: [2, 1]\n"),
+        ("parameters must be a mapping",),
+    ),
+    (
+        "model parameters is a list",
+        sub("    parameters:\n      role: task\n      weight: 1.0\n", "    parameters: [task]\n"),
+        ("models[0].parameters must be a mapping",),
+    ),
+    (
+        "parameter is a mapping",
+        sub("bottom_layers: 2", "bottom_layers: {{layers: 2}}"),
+        ("parameters.bottom_layers", "mapping"),
+    ),
     ("list inside a list", sub("weight: 1.0", "weight: [[1.0, 2.0]]"), ("list inside a list",)),
     ("empty list parameter", sub("bottom_layers: 2", "bottom_layers: []"), ("empty list",)),
     ("dtype is a list", sub("dtype: float32", "dtype: [float32]"), ("dtype must be one value",)),
@@ -210,9 +269,17 @@ CASES: Tuple[Tuple[str, Callable[[World], None], Tuple[str, ...]], ...] = (
     ("slices with models", add("slices:\n  - sources: []\n"), ("`slices:`", "models:")),
     ("modules with models", add("modules:\n  text: {{models: []}}\n"), ("`modules:`",)),
     # mergekit's own schema and dtype names (translated into one line)
-    ("tokenizer and tokenizer_source", add("tokenizer_source: union\ntokenizer:\n  source: base\n"), ("tokenizer_source and tokenizer",)),
+    (
+        "tokenizer and tokenizer_source",
+        add("tokenizer_source: union\ntokenizer:\n  source: base\n"),
+        ("tokenizer_source and tokenizer",),
+    ),
     ("model path is a number", sub("model: {task}", "model: 5"), ("models[0].model", "line 4")),
-    ("lora path is a mapping", sub("model: {task}", "model: {{model: {task}, lora: {{path: [a]}}}}"), ("models[0].model.lora.path", "one value")),
+    (
+        "lora path is a mapping",
+        sub("model: {task}", "model: {{model: {task}, lora: {{path: [a]}}}}"),
+        ("models[0].model.lora.path", "one value"),
+    ),
     ("invalid dtype", sub("dtype: float32", "dtype: float33"), ("dtype", "'float33'", "bfloat16")),
     ("integer dtype", sub("dtype: float32", "dtype: int64"), ("dtype", "'int64'")),
     ("invalid out_dtype", add("out_dtype: fp8\n"), ("out_dtype", "'fp8'")),
@@ -223,33 +290,96 @@ CASES: Tuple[Tuple[str, Callable[[World], None], Tuple[str, ...]], ...] = (
     ("weight 1e308", sub("weight: 1.0", "weight: 1.0e+308"), ("weight of models[0]", "outside 1e-30 .. 1e+30")),
     ("weight 1e-320", sub("weight: 1.0", "weight: 1e-320"), ("weight of models[0]", "outside 1e-30 .. 1e+30")),
     ("weight inf in a gradient", sub("weight: 1.0", "weight: [1.0, .inf]"), ("weight of models[0]", "finite")),
-    ("top-level weight inf", sub("  top_layers: 1\n", "  top_layers: 1\n  weight: .inf\n"), ("weight of parameters", "finite")),
-    ("weights far apart", both(sub("weight: 1.0\nparameters:", "weight: 1.0e+25\nparameters:"), sub("weight: 1.0\n", "weight: 1.0e-25\n")), ("models[0]", "negligible")),
-    ("effective weight too large", both(sub("top_layers: 1\n", "top_layers: 1\n  weighting: magnitude\n"), sub("weight: 1.0", "weight: 1.0e+29")), ("effective weight", "outside")),
+    (
+        "top-level weight inf",
+        sub("  top_layers: 1\n", "  top_layers: 1\n  weight: .inf\n"),
+        ("weight of parameters", "finite"),
+    ),
+    (
+        "weights far apart",
+        both(
+            sub("weight: 1.0\nparameters:", "weight: 1.0e+25\nparameters:"), sub("weight: 1.0\n", "weight: 1.0e-25\n")
+        ),
+        ("models[0]", "negligible"),
+    ),
+    (
+        "effective weight too large",
+        both(sub("top_layers: 1\n", "top_layers: 1\n  weighting: magnitude\n"), sub("weight: 1.0", "weight: 1.0e+29")),
+        ("effective weight", "outside"),
+    ),
     # one model, two spellings
     ("same expert with trailing slash", sub("model: {lang}", "model: {task}/"), ("models[1]", "same files")),
-    ("same expert via ./relative", lambda w: setattr(w, "text", w.text.replace("{lang}", relative(w), 1)), ("models[1]", "same files")),
-    ("same expert via a symlink", lambda w: setattr(w, "text", w.text.replace("{lang}", symlink(w), 1)), ("models[1]", "same files")),
-    ("base is an expert, trailing slash", sub("base_model: {base}", "base_model: {lang}/"), ("models[1]", "base_model")),
-    ("base is an expert, via a symlink", lambda w: setattr(w, "text", w.text.replace("{base}", symlink(w, "lang"), 1)), ("models[1]", "base_model")),
+    (
+        "same expert via ./relative",
+        lambda w: setattr(w, "text", w.text.replace("{lang}", relative(w), 1)),
+        ("models[1]", "same files"),
+    ),
+    (
+        "same expert via a symlink",
+        lambda w: setattr(w, "text", w.text.replace("{lang}", symlink(w), 1)),
+        ("models[1]", "same files"),
+    ),
+    (
+        "base is an expert, trailing slash",
+        sub("base_model: {base}", "base_model: {lang}/"),
+        ("models[1]", "base_model"),
+    ),
+    (
+        "base is an expert, via a symlink",
+        lambda w: setattr(w, "text", w.text.replace("{base}", symlink(w, "lang"), 1)),
+        ("models[1]", "base_model"),
+    ),
     # mixed dtypes without dtype:
-    ("fp16 and fp32 experts without dtype", both(as_dtype("task", torch.float16), sub("dtype: float32\n", "")), ("F16", "F32", "add `dtype:")),
+    (
+        "fp16 and fp32 experts without dtype",
+        both(as_dtype("task", torch.float16), sub("dtype: float32\n", "")),
+        ("F16", "F32", "add `dtype:"),
+    ),
     # damaged weight files (each error names the file)
     ("truncated weights", write_bytes("task", lambda b: b[: len(b) // 2]), ("task/model.safetensors", "truncated")),
     ("truncated header", write_bytes("task", lambda b: b[:4]), ("task/model.safetensors", "truncated")),
     ("garbage weights", write_bytes("lang", lambda b: os.urandom(len(b))), ("lang/model.safetensors",)),
-    ("garbage header json", write_bytes("lang", lambda b: b[:8] + b"x" * (len(b) - 8)), ("lang/model.safetensors", "not a safetensors file")),
+    (
+        "garbage header json",
+        write_bytes("lang", lambda b: b[:8] + b"x" * (len(b) - 8)),
+        ("lang/model.safetensors", "not a safetensors file"),
+    ),
     ("empty weights", write_bytes("task", lambda b: b""), ("task/model.safetensors", "empty")),
     ("damaged base weights", write_bytes("base", lambda b: b[:-10]), ("base/model.safetensors", "truncated")),
     ("no weight file", remove_weights("task"), ("no weight file", "task")),
     ("missing shard", sharded("task", drop_shard=True), ("model-00002-of-00002.safetensors", "missing")),
-    ("shard path with ..", sharded("task", shard_path(lambda w: "../../elsewhere/x.safetensors")), ("../../elsewhere", "plain relative")),
+    (
+        "shard path with ..",
+        sharded("task", shard_path(lambda w: "../../elsewhere/x.safetensors")),
+        ("../../elsewhere", "plain relative"),
+    ),
     ("absolute shard path", sharded("task", shard_path(outside_shard)), ("elsewhere", "plain relative")),
-    ("index not JSON", both(sharded("task"), lambda w: open(os.path.join(w.model("task"), "model.safetensors.index.json"), "w").write("{")), ("index.json", "damaged")),
-    ("index names a tensor its shard lacks", sharded("task", lambda index, w: index["weight_map"].update({"extra.weight": "model-00001-of-00002.safetensors"})), ("extra.weight", "does not hold")),
-    ("broken config.json", lambda w: open(os.path.join(w.model("lang"), "config.json"), "w").write("{"), ("config.json", "lang")),
+    (
+        "index not JSON",
+        both(
+            sharded("task"),
+            lambda w: open(os.path.join(w.model("task"), "model.safetensors.index.json"), "w").write("{"),
+        ),
+        ("index.json", "damaged"),
+    ),
+    (
+        "index names a tensor its shard lacks",
+        sharded(
+            "task", lambda index, w: index["weight_map"].update({"extra.weight": "model-00001-of-00002.safetensors"})
+        ),
+        ("extra.weight", "does not hold"),
+    ),
+    (
+        "broken config.json",
+        lambda w: open(os.path.join(w.model("lang"), "config.json"), "w").write("{"),
+        ("config.json", "lang"),
+    ),
     # a hidden-size mismatch is not a vocabulary mismatch
-    ("hidden sizes differ", replace_lang(hidden_size=64, intermediate_size=48), ("shapes differ", "model.embed_tokens.weight", "hidden size", "!vocabulary sizes differ", "!tokenizer")),
+    (
+        "hidden sizes differ",
+        replace_lang(hidden_size=64, intermediate_size=48),
+        ("shapes differ", "model.embed_tokens.weight", "hidden size", "!vocabulary sizes differ", "!tokenizer"),
+    ),
 )
 
 
@@ -324,8 +454,10 @@ def test_other_methods_keep_mergekits_behaviour(families, tmp_path):
     """An unknown key in a `linear` recipe is mergekit's business: it still merges."""
     fam = families("llama")
     path = tmp_path / "linear.yaml"
-    path.write_text(f"merge_method: linear\nmodels:\n  - model: {fam.task}\n    parameters: {{weight: 1.0}}\n"
-                    f"  - model: {fam.lang}\n    parameters: {{weight: 1.0}}\ndtype: float32\nfoo: 1\n")
+    path.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {fam.task}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {fam.lang}\n    parameters: {{weight: 1.0}}\ndtype: float32\nfoo: 1\n"
+    )
     result = run_yaml_inprocess(path, tmp_path / "out")
     assert result.exit_code == 0, result.output
 
@@ -364,10 +496,18 @@ dtype: float32
 
 MULTI_CASES = (
     ("typo in a layer_swap stage", lambda t: t, ("line 16", "paramters", "did you mean `parameters`")),
-    ("null role in a stage", lambda t: t.replace("paramters", "parameters").replace("{{role: task}}", "{{role: ~}}"), ("role", "null")),
+    (
+        "null role in a stage",
+        lambda t: t.replace("paramters", "parameters").replace("{{role: task}}", "{{role: ~}}"),
+        ("role", "null"),
+    ),
     ("broken YAML", lambda t: t + "dtype: [\n", ("not valid YAML",)),
     ("empty document", lambda t: t.replace("paramters", "parameters") + "---\n", ("document 3", "empty")),
-    ("schema error in a stage", lambda t: t.replace("paramters", "parameters").replace("model: soup", "model: [soup]"), ("models[0].model",)),
+    (
+        "schema error in a stage",
+        lambda t: t.replace("paramters", "parameters").replace("model: soup", "model: [soup]"),
+        ("models[0].model",),
+    ),
 )
 
 
@@ -389,11 +529,13 @@ def test_explain_refuses_in_one_line(families, tmp_path):
     from mergekit_layerswap.cli.main import main
 
     world = make_world(families, tmp_path)
-    for text, words in ((RECIPE.replace("parameters:\n  bottom", "paramters:\n  bottom"), ("did you mean `parameters`",)),
-                        ("", ("is empty",)),
-                        ("- a\n", ("must be a mapping",)),
-                        (RECIPE.replace("weight: 1.0", "weight: .inf", 1), ("finite",)),
-                        (RECIPE.replace("model: {lang}", "model: {task}/"), ("same files",))):
+    for text, words in (
+        (RECIPE.replace("parameters:\n  bottom", "paramters:\n  bottom"), ("did you mean `parameters`",)),
+        ("", ("is empty",)),
+        ("- a\n", ("must be a mapping",)),
+        (RECIPE.replace("weight: 1.0", "weight: .inf", 1), ("finite",)),
+        (RECIPE.replace("model: {lang}", "model: {task}/"), ("same files",)),
+    ):
         world.text = text
         write(world)
         result = CliRunner().invoke(main, ["explain", world.recipe])
@@ -423,19 +565,26 @@ def test_installed_scripts_refuse_without_traceback(families, tmp_path):
     write(world)
     write_bytes("task", lambda b: b[: len(b) // 2])(world)
     before = _digest(world.root)
-    run = subprocess.run([_script("mergekit-yaml"), world.recipe, str(tmp_path / "out")],
-                         capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [_script("mergekit-yaml"), world.recipe, str(tmp_path / "out")], capture_output=True, text=True, env=env
+    )
     _assert_one_stderr_line(run, "task/model.safetensors", "truncated")
     assert not (tmp_path / "out").exists() and _digest(world.root) == before
 
     world.text = MULTI
     write(world)
-    run = subprocess.run([_script("mergekit-multi"), world.recipe, "-I", str(tmp_path / "stages"),
-                          "--out-path", str(tmp_path / "out")], capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [_script("mergekit-multi"), world.recipe, "-I", str(tmp_path / "stages"), "--out-path", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     _assert_one_stderr_line(run, "paramters")
     assert not (tmp_path / "stages").exists()
 
     world.text = "merge_method: layer_swap\nmodels: [\n"
     write(world)
-    run = subprocess.run([_script("mergekit-layerswap"), "explain", world.recipe], capture_output=True, text=True, env=env)
+    run = subprocess.run(
+        [_script("mergekit-layerswap"), "explain", world.recipe], capture_output=True, text=True, env=env
+    )
     _assert_one_stderr_line(run, "not valid YAML")

@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-
 from checkpoints import Arch, make_model
 from helpers import merge, swap_recipe
 
@@ -21,8 +20,16 @@ WHOLE = 1 << 62
 def _odd_llama():
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=36, intermediate_size=45, num_hidden_layers=6, num_attention_heads=6,
-                       num_key_value_heads=2, vocab_size=97, max_position_embeddings=64, tie_word_embeddings=False)
+    return LlamaConfig(
+        hidden_size=36,
+        intermediate_size=45,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        vocab_size=97,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
 
 
 ODD = Arch("llama-odd", _odd_llama, "model.layers.{}.", 6)
@@ -88,14 +95,24 @@ def _digest(out):
     return digest
 
 
-@pytest.mark.parametrize("parameters", [
-    dict(bottom_layers=1, top_layers=1, bottom_transition=1, top_transition=1),  # non_layer: average
-    dict(bottom_layers=1, top_layers=1, bottom_transition=2, top_transition=1, transition_shape="linear"),
-    dict(bottom_layers=1, top_layers=1, bottom_transition=1, top_transition=1, blend_method="linear"),
-    dict(bottom_layers=1, top_layers=1, bottom_transition=1, top_transition=1, blend_method="task_arithmetic",
-         base=True),
-    dict(bottom_layers=0, top_layers=0, bottom_transition=3, top_transition=3, weighting="magnitude", base=True),
-], ids=["average", "linear-shape", "blend-linear", "blend-task-arithmetic", "magnitude-soup"])
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        dict(bottom_layers=1, top_layers=1, bottom_transition=1, top_transition=1),  # non_layer: average
+        dict(bottom_layers=1, top_layers=1, bottom_transition=2, top_transition=1, transition_shape="linear"),
+        dict(bottom_layers=1, top_layers=1, bottom_transition=1, top_transition=1, blend_method="linear"),
+        dict(
+            bottom_layers=1,
+            top_layers=1,
+            bottom_transition=1,
+            top_transition=1,
+            blend_method="task_arithmetic",
+            base=True,
+        ),
+        dict(bottom_layers=0, top_layers=0, bottom_transition=3, top_transition=3, weighting="magnitude", base=True),
+    ],
+    ids=["average", "linear-shape", "blend-linear", "blend-task-arithmetic", "magnitude-soup"],
+)
 def test_blocked_merge_files_equal_whole_tensor_merge(odd_family, tmp_path, monkeypatch, parameters):
     parameters = dict(parameters)
     base = parameters.pop("base", False)

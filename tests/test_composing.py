@@ -5,13 +5,10 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
-
 from checkpoints import load_tensors, make_model
-from helpers import merge, refused, run_yaml_inprocess, swap_recipe, write_recipe
+from click.testing import CliRunner
 from expectations import check_swap
-
-
+from helpers import merge, refused, run_yaml_inprocess, swap_recipe, write_recipe
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +28,9 @@ def test_several_experts_per_role_are_averaged_then_swapped(soup_family, tmp_pat
         {"model": fam.lang, "parameters": {"role": "language", "weight": 1.0}},
         {"model": fam.lang2, "parameters": {"role": "language", "weight": 3.0}},
     ]
-    out = load_tensors(merge(tmp_path, swap_recipe(fam, models=models, bottom_layers=2, top_layers=1,
-                                                    bottom_transition=1)))
+    out = load_tensors(
+        merge(tmp_path, swap_recipe(fam, models=models, bottom_layers=2, top_layers=1, bottom_transition=1))
+    )
     t1, t2, l1, l2 = (load_tensors(p) for p in (fam.task, fam.task2, fam.lang, fam.lang2))
     sources = "LLBTTL"
     for name, tensor in out.items():
@@ -52,8 +50,12 @@ def test_one_expert_per_role_is_unchanged_by_the_soup_rule(soup_family, tmp_path
 
 def test_linear_transition_shape(families, tmp_path):
     fam = families("qwen2")  # b=1, t_b=2, t_u=2, u=0: layers 1,2 and 5,4 are the j=1,2 transition layers
-    out = merge(tmp_path, swap_recipe(fam, bottom_layers=1, top_layers=0, bottom_transition=2, top_transition=2,
-                                      transition_shape="linear"))
+    out = merge(
+        tmp_path,
+        swap_recipe(
+            fam, bottom_layers=1, top_layers=0, bottom_transition=2, top_transition=2, transition_shape="linear"
+        ),
+    )
     task_share = {1: 1 / 3, 2: 2 / 3, 5: 1 / 3, 4: 2 / 3}
     check_swap(out, fam, "LBBTBB", blend_share=lambda layer: task_share[layer])
 
@@ -74,8 +76,16 @@ def test_blend_with_task_arithmetic_uses_the_base(families, tmp_path):
         {"model": fam.task, "parameters": {"role": "task", "weight": 1.0}},
         {"model": fam.lang, "parameters": {"role": "language", "weight": 3.0}},
     ]
-    recipe = swap_recipe(fam, models=models, base=True, bottom_layers=2, top_layers=1, bottom_transition=1,
-                         top_transition=1, blend_method="task_arithmetic")
+    recipe = swap_recipe(
+        fam,
+        models=models,
+        base=True,
+        bottom_layers=2,
+        top_layers=1,
+        bottom_transition=1,
+        top_transition=1,
+        blend_method="task_arithmetic",
+    )
     out = load_tensors(merge(tmp_path, recipe))
     task, lang, base = load_tensors(fam.task), load_tensors(fam.lang), load_tensors(fam.base)
     for name, tensor in out.items():
@@ -103,31 +113,48 @@ def test_blend_with_ties_matches_mergekits_own_ties(families, tmp_path):
     from mergekit.merge_methods.api import merge_tensors
 
     fam = families("llama")
-    recipe = swap_recipe(fam, base=True, bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1,
-                         blend_method="ties", blend_density=0.5)
+    recipe = swap_recipe(
+        fam,
+        base=True,
+        bottom_layers=2,
+        top_layers=1,
+        bottom_transition=1,
+        top_transition=1,
+        blend_method="ties",
+        blend_density=0.5,
+    )
     out = load_tensors(merge(tmp_path, recipe))
     task, lang, base = load_tensors(fam.task), load_tensors(fam.lang), load_tensors(fam.base)
     name = "model.layers.2.mlp.down_proj.weight"  # a transition layer
-    expected = merge_tensors([task[name], lang[name], base[name]], "ties", ids=["t", "l", "b"], base_index=2,
-                             parameters={"weight": 0.5, "density": 0.5})
+    expected = merge_tensors(
+        [task[name], lang[name], base[name]],
+        "ties",
+        ids=["t", "l", "b"],
+        base_index=2,
+        parameters={"weight": 0.5, "density": 0.5},
+    )
     assert torch.allclose(out[name], expected, atol=1e-6)
     assert not torch.allclose(out[name], (task[name] + lang[name]) / 2, atol=1e-4)
 
 
-@pytest.mark.parametrize("parameters,words", [
-    ({"blend_method": "ties"}, ("ties needs base_model",)),
-    ({"blend_method": "no_such_method"}, ("blend_method", "average")),
-    ({"blend_method": "linear", "blend_density": 0.5}, ("blend_density", "linear has no parameter")),
-    ({"blend_density": 0.5}, ("blend_density", "blend_method")),
-    ({"blend_method": "linear", "blend_normalize": [True, False]}, ("blend_normalize", "one value")),
-])
+@pytest.mark.parametrize(
+    "parameters,words",
+    [
+        ({"blend_method": "ties"}, ("ties needs base_model",)),
+        ({"blend_method": "no_such_method"}, ("blend_method", "average")),
+        ({"blend_method": "linear", "blend_density": 0.5}, ("blend_density", "linear has no parameter")),
+        ({"blend_density": 0.5}, ("blend_density", "blend_method")),
+        ({"blend_method": "linear", "blend_normalize": [True, False]}, ("blend_normalize", "one value")),
+    ],
+)
 def test_bad_blend_settings(families, tmp_path, parameters, words):
     refused(tmp_path, swap_recipe(families("llama"), **parameters), *words)
 
 
 def test_blend_method_that_cannot_take_two_experts(families, tmp_path):
-    refused(tmp_path, swap_recipe(families("llama"), base=True, blend_method="slerp", blend_t=0.5),
-            "slerp cannot blend")
+    refused(
+        tmp_path, swap_recipe(families("llama"), base=True, blend_method="slerp", blend_t=0.5), "slerp cannot blend"
+    )
 
 
 def test_lora_language_expert(families, tmp_path):
@@ -138,14 +165,23 @@ def test_lora_language_expert(families, tmp_path):
     fam = families("llama")
     torch.manual_seed(5)
     model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32)
-    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    lora = get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     adapter = tmp_path / "adapter"
     lora.save_pretrained(str(adapter))
-    models = [{"model": fam.task, "parameters": {"role": "task"}},
-              {"model": f"{fam.base}+{adapter}", "parameters": {"role": "language"}}]
-    out = load_tensors(merge(tmp_path, swap_recipe(fam, models=models, bottom_layers=2, top_layers=1),
-                             "--lora-merge-cache", str(tmp_path / "lora-cache")))
+    models = [
+        {"model": fam.task, "parameters": {"role": "task"}},
+        {"model": f"{fam.base}+{adapter}", "parameters": {"role": "language"}},
+    ]
+    out = load_tensors(
+        merge(
+            tmp_path,
+            swap_recipe(fam, models=models, bottom_layers=2, top_layers=1),
+            "--lora-merge-cache",
+            str(tmp_path / "lora-cache"),
+        )
+    )
     base, task = load_tensors(fam.base), load_tensors(fam.task)
     weights = load_file(str(adapter / "adapter_model.safetensors"))
     scale = 8 / 4
@@ -156,7 +192,7 @@ def test_lora_language_expert(families, tmp_path):
         expected = base[name]
         for module in ("q_proj", "v_proj"):
             if f"self_attn.{module}.weight" in name:
-                stem = f"base_model.model.{name[:-len('.weight')]}"
+                stem = f"base_model.model.{name[: -len('.weight')]}"
                 expected = base[name] + scale * weights[f"{stem}.lora_B.weight"] @ weights[f"{stem}.lora_A.weight"]
                 assert not torch.allclose(expected, base[name])
         assert torch.allclose(tensor, expected, atol=1e-5), name
@@ -165,8 +201,10 @@ def test_lora_language_expert(families, tmp_path):
 
 def test_lora_recipe_is_validated_before_the_lora_is_merged(families, tmp_path):
     fam = families("llama")
-    models = [{"model": fam.task, "parameters": {"role": "task"}},
-              {"model": f"{fam.base}+{tmp_path / 'adapter'}", "parameters": {"role": "language"}}]
+    models = [
+        {"model": fam.task, "parameters": {"role": "task"}},
+        {"model": f"{fam.base}+{tmp_path / 'adapter'}", "parameters": {"role": "language"}},
+    ]
     cache = tmp_path / "lora-cache"
     path = write_recipe(tmp_path / "r.yaml", swap_recipe(fam, models=models, bottom_layers=9))
     result = run_yaml_inprocess(path, tmp_path / "out", "--lora-merge-cache", str(cache))
@@ -180,21 +218,39 @@ def test_mergekit_multi_soups_then_swap(soup_family, tmp_path):
 
     fam = soup_family
     stages = [
-        {"name": "lang-soup", "merge_method": "linear", "dtype": "float32",
-         "models": [{"model": fam.lang, "parameters": {"weight": 1.0}},
-                    {"model": fam.lang2, "parameters": {"weight": 1.0}}]},
-        {"name": "math-soup", "merge_method": "linear", "dtype": "float32",
-         "models": [{"model": fam.task, "parameters": {"weight": 1.0}},
-                    {"model": fam.task2, "parameters": {"weight": 1.0}}]},
-        {"merge_method": "layer_swap", "dtype": "float32",
-         "models": [{"model": "math-soup", "parameters": {"role": "task"}},
-                    {"model": "lang-soup", "parameters": {"role": "language"}}],
-         "parameters": {"bottom_layers": 2, "top_layers": 1, "bottom_transition": 1}},
+        {
+            "name": "lang-soup",
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": fam.lang, "parameters": {"weight": 1.0}},
+                {"model": fam.lang2, "parameters": {"weight": 1.0}},
+            ],
+        },
+        {
+            "name": "math-soup",
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [
+                {"model": fam.task, "parameters": {"weight": 1.0}},
+                {"model": fam.task2, "parameters": {"weight": 1.0}},
+            ],
+        },
+        {
+            "merge_method": "layer_swap",
+            "dtype": "float32",
+            "models": [
+                {"model": "math-soup", "parameters": {"role": "task"}},
+                {"model": "lang-soup", "parameters": {"role": "language"}},
+            ],
+            "parameters": {"bottom_layers": 2, "top_layers": 1, "bottom_transition": 1},
+        },
     ]
     path = tmp_path / "multi.yaml"
     path.write_text(yaml.safe_dump_all(stages, sort_keys=False))
-    result = CliRunner().invoke(multimerge, [str(path), "-I", str(tmp_path / "stages"), "--out-path",
-                                             str(tmp_path / "final"), "--quiet"])
+    result = CliRunner().invoke(
+        multimerge, [str(path), "-I", str(tmp_path / "stages"), "--out-path", str(tmp_path / "final"), "--quiet"]
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     out = load_tensors(str(tmp_path / "final"))
     t1, t2, l1, l2 = (load_tensors(p) for p in (fam.task, fam.task2, fam.lang, fam.lang2))
@@ -213,15 +269,23 @@ def test_mergekit_multi_refuses_a_bad_swap_before_any_stage_runs(soup_family, tm
 
     fam = soup_family
     stages = [
-        {"name": "lang-soup", "merge_method": "linear",
-         "models": [{"model": fam.lang, "parameters": {"weight": 1.0}},
-                    {"model": fam.lang2, "parameters": {"weight": 1.0}}]},
-        {"merge_method": "layer_swap",
-         "models": [{"model": fam.task}, {"model": "lang-soup", "parameters": {"role": "language"}}]},
+        {
+            "name": "lang-soup",
+            "merge_method": "linear",
+            "models": [
+                {"model": fam.lang, "parameters": {"weight": 1.0}},
+                {"model": fam.lang2, "parameters": {"weight": 1.0}},
+            ],
+        },
+        {
+            "merge_method": "layer_swap",
+            "models": [{"model": fam.task}, {"model": "lang-soup", "parameters": {"role": "language"}}],
+        },
     ]
     path = tmp_path / "multi.yaml"
     path.write_text(yaml.safe_dump_all(stages, sort_keys=False))
-    result = CliRunner().invoke(multimerge, [str(path), "-I", str(tmp_path / "stages"), "--out-path",
-                                             str(tmp_path / "final"), "--quiet"])
+    result = CliRunner().invoke(
+        multimerge, [str(path), "-I", str(tmp_path / "stages"), "--out-path", str(tmp_path / "final"), "--quiet"]
+    )
     assert result.exit_code != 0 and "has no role" in result.output
     assert not (tmp_path / "stages" / "lang-soup").exists() and not (tmp_path / "final").exists()

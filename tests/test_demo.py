@@ -9,19 +9,19 @@ import random
 
 import pytest
 import torch
+from checkpoints import ARCHS, make_model
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from checkpoints import ARCHS, make_model
 from mergekit_layerswap.cli.main import main
-from mergekit_layerswap.demo.data import TemplateSource, generate_problems, load_templates
 from mergekit_layerswap.core.errors import LayerSwapError
 from mergekit_layerswap.demo.base import _reuse_gguf_parsing
 from mergekit_layerswap.demo.build import DemoSettings
+from mergekit_layerswap.demo.data import TemplateSource, generate_problems, load_templates
 from mergekit_layerswap.demo.finetune import FinetuneSettings, batches, finetune, train_step
 from mergekit_layerswap.demo.merge import run_merge
-from mergekit_layerswap.demo.timing import StepTimes
 from mergekit_layerswap.demo.templates import TemplateError, instantiate, parse_template
+from mergekit_layerswap.demo.timing import StepTimes
 
 # same shape as the package's files: question text, #init / #conditions / #answer program
 TOY = '''question = "Ann has 4 apples."
@@ -133,8 +133,9 @@ def tiny_llama(tmp_path_factory):
     vocab["<unk>"] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>",
-                            eos_token="<unk>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<unk>", eos_token="<unk>"
+    ).save_pretrained(path)
     return path
 
 
@@ -170,7 +171,10 @@ def test_finetune_moves_weights_a_little_and_saves(tiny_llama, tmp_path):
     settings = FinetuneSettings(steps=4, learning_rate=1e-3, batch_size=2, max_tokens=8, seed=1)
     result = finetune(tiny_llama, ["w1 w2 w3 w4", "w5 w6 w7", "w8 w9 w10 w11 w12"], out, settings)
     assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
-    before, after = load_file(os.path.join(tiny_llama, "model.safetensors")), load_file(os.path.join(out, "model.safetensors"))
+    before, after = (
+        load_file(os.path.join(tiny_llama, "model.safetensors")),
+        load_file(os.path.join(out, "model.safetensors")),
+    )
     assert before.keys() == after.keys()
     layer = "model.layers.3.mlp.down_proj.weight"
     assert after[layer].dtype == torch.float32
@@ -189,8 +193,14 @@ def _changed(before, after):
 
 def test_default_finetune_freezes_embeddings_and_trains_every_layer(tiny_llama, tmp_path):
     out = str(tmp_path / "expert")
-    settings = FinetuneSettings(steps=3, learning_rate=1e-3, batch_size=2, max_tokens=8, seed=1,
-                                train_embeddings=DemoSettings().train_embeddings)
+    settings = FinetuneSettings(
+        steps=3,
+        learning_rate=1e-3,
+        batch_size=2,
+        max_tokens=8,
+        seed=1,
+        train_embeddings=DemoSettings().train_embeddings,
+    )
     result = finetune(tiny_llama, TEXTS, out, settings)
     before = load_file(os.path.join(tiny_llama, "model.safetensors"))
     after = load_file(os.path.join(out, "model.safetensors"))
@@ -208,9 +218,15 @@ def test_long_way_trains_the_embeddings_too(tiny_llama, tmp_path):
     out = str(tmp_path / "expert")
     full = DemoSettings.full()
     assert (full.steps, full.learning_rate, full.max_tokens, full.train_embeddings, full.bfloat16_autocast) == (
-        40, 2e-5, 128, True, False)
-    settings = FinetuneSettings(steps=2, learning_rate=1e-3, batch_size=2, max_tokens=8, seed=1,
-                                train_embeddings=full.train_embeddings)
+        40,
+        2e-5,
+        128,
+        True,
+        False,
+    )
+    settings = FinetuneSettings(
+        steps=2, learning_rate=1e-3, batch_size=2, max_tokens=8, seed=1, train_embeddings=full.train_embeddings
+    )
     finetune(tiny_llama, TEXTS, out, settings)
     before = load_file(os.path.join(tiny_llama, "model.safetensors"))
     assert _changed(before, load_file(os.path.join(out, "model.safetensors"))) == before.keys()
@@ -272,8 +288,14 @@ def test_step_times_count_subprocess_cpu(tmp_path):
 
     times = StepTimes()
     with times.step("busy child"):
-        subprocess.run([sys.executable, "-c", "import time\nend = time.process_time() + 0.4\n"
-                        "while time.process_time() < end: pass"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import time\nend = time.process_time() + 0.4\nwhile time.process_time() < end: pass",
+            ],
+            check=True,
+        )
     with times.step("idle"):
         pass
     assert times.steps["busy child"]["cpu"] >= 0.35
@@ -285,8 +307,9 @@ def test_step_times_count_subprocess_cpu(tmp_path):
 
 def test_failed_merge_reports_mergekit_yamls_last_line(tmp_path):
     recipe = tmp_path / "demo_swh_math.yaml"
-    recipe.write_text("merge_method: layer_swap\nmodels:\n  - model: missing-expert\n"
-                      "    parameters: {role: task}\ndtype: float32\n")
+    recipe.write_text(
+        "merge_method: layer_swap\nmodels:\n  - model: missing-expert\n    parameters: {role: task}\ndtype: float32\n"
+    )
     with pytest.raises(LayerSwapError, match="^mergekit-yaml failed: .+"):
         run_merge(str(recipe), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -3,10 +3,8 @@
 import os
 
 import pytest
-
 from checkpoints import ARCHS, Arch, make_model
-from helpers import refused, run_yaml_inprocess, run_yaml_subprocess, swap_recipe, write_recipe
-
+from helpers import refused, run_yaml_subprocess, swap_recipe, write_recipe
 
 
 def experts(fam, task_params=None, lang_params=None):
@@ -34,20 +32,27 @@ def test_role_at_top_level(fam, tmp_path):
     refused(tmp_path, recipe, "parameters.role", "each model")
 
 
-@pytest.mark.parametrize("name,value", [
-    ("bottom_layers", [1, 3]),
-    ("top_transition", [{"filter": "mlp", "value": 1}]),
-    ("weighting", ["uniform", "magnitude"]),
-    ("non_layer", [{"filter": "embed", "value": "language"}]),
-])
+@pytest.mark.parametrize(
+    "name,value",
+    [
+        ("bottom_layers", [1, 3]),
+        ("top_transition", [{"filter": "mlp", "value": 1}]),
+        ("weighting", ["uniform", "magnitude"]),
+        ("non_layer", [{"filter": "embed", "value": "language"}]),
+    ],
+)
 def test_per_tensor_lists_or_filters_for_whole_model_parameters(fam, tmp_path, name, value):
     refused(tmp_path, swap_recipe(fam, **{name: value}), f"parameters.{name}", "one value")
 
 
 @pytest.mark.parametrize("weight", [0, -1.0, [1.0, 0.0], [{"filter": "mlp", "value": -2}]])
 def test_non_positive_weights(fam, tmp_path, weight):
-    refused(tmp_path, swap_recipe(fam, models=experts(fam, lang_params={"role": "language", "weight": weight})),
-            "weight", "positive")
+    refused(
+        tmp_path,
+        swap_recipe(fam, models=experts(fam, lang_params={"role": "language", "weight": weight})),
+        "weight",
+        "positive",
+    )
 
 
 def test_base_listed_as_expert(fam, tmp_path):
@@ -69,11 +74,17 @@ def test_bad_zone_sizes(fam, tmp_path, value):
 
 
 def test_zones_larger_than_model(fam, tmp_path):
-    refused(tmp_path, swap_recipe(fam, bottom_layers=4, top_layers=3, bottom_transition=1, top_transition=1),
-            "= 9", "8 decoder layers")
+    refused(
+        tmp_path,
+        swap_recipe(fam, bottom_layers=4, top_layers=3, bottom_transition=1, top_transition=1),
+        "= 9",
+        "8 decoder layers",
+    )
 
 
-@pytest.mark.parametrize("name,value", [("weighting", "inverse"), ("non_layer", "base"), ("transition_shape", "cosine")])
+@pytest.mark.parametrize(
+    "name,value", [("weighting", "inverse"), ("non_layer", "base"), ("transition_shape", "cosine")]
+)
 def test_unknown_choice(fam, tmp_path, name, value):
     refused(tmp_path, swap_recipe(fam, **{name: value}), f"parameters.{name}", "one of")
 
@@ -87,16 +98,28 @@ def test_unknown_parameter_names(fam, tmp_path, where):
     if where == "top":
         refused(tmp_path, swap_recipe(fam, bottom_layer=3), "parameters.bottom_layer", "known:")
     elif where == "model":
-        refused(tmp_path, swap_recipe(fam, models=experts(fam, task_params={"role": "task", "bottom_layers": 3})),
-                "bottom_layers", "top-level")
+        refused(
+            tmp_path,
+            swap_recipe(fam, models=experts(fam, task_params={"role": "task", "bottom_layers": 3})),
+            "bottom_layers",
+            "top-level",
+        )
     else:
         refused(tmp_path, swap_recipe(fam, layer_index=3), "layer_index", "cannot be set")
 
 
 def test_slices_are_refused(fam, tmp_path):
-    recipe = {"merge_method": "layer_swap", "slices": [{"sources": [
-        {"model": fam.task, "layer_range": [0, 8], "parameters": {"role": "task"}},
-        {"model": fam.lang, "layer_range": [0, 8], "parameters": {"role": "language"}}]}]}
+    recipe = {
+        "merge_method": "layer_swap",
+        "slices": [
+            {
+                "sources": [
+                    {"model": fam.task, "layer_range": [0, 8], "parameters": {"role": "task"}},
+                    {"model": fam.lang, "layer_range": [0, 8], "parameters": {"role": "language"}},
+                ]
+            }
+        ],
+    }
     refused(tmp_path, recipe, "models:", "slices")
 
 
@@ -113,7 +136,10 @@ def test_missing_model_path(fam, tmp_path):
 
 def test_different_architectures(families, tmp_path):
     llama, qwen = families("llama"), families("qwen2")
-    models = [{"model": qwen.task, "parameters": {"role": "task"}}, {"model": llama.lang, "parameters": {"role": "language"}}]
+    models = [
+        {"model": qwen.task, "parameters": {"role": "task"}},
+        {"model": llama.lang, "parameters": {"role": "language"}},
+    ]
     refused(tmp_path, swap_recipe(llama, models=models), "architectures differ", "Qwen2ForCausalLM")
 
 
@@ -126,33 +152,48 @@ def _variant(tmp_path, name, **overrides):
             setattr(cfg, key, value)
         return cfg
 
-    return make_model(Arch(name, config, base.layer_prefix, overrides.get("num_hidden_layers", 8)),
-                      str(tmp_path / name), seed=11)
+    return make_model(
+        Arch(name, config, base.layer_prefix, overrides.get("num_hidden_layers", 8)), str(tmp_path / name), seed=11
+    )
 
 
 def test_different_layer_counts(fam, tmp_path):
     other = _variant(tmp_path, "six", num_hidden_layers=6)
-    refused(tmp_path, swap_recipe(fam, models=experts(fam) [:1] + [{"model": other, "parameters": {"role": "language"}}]),
-            "layer counts differ")
+    refused(
+        tmp_path,
+        swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
+        "layer counts differ",
+    )
 
 
 def test_different_tensor_shapes(fam, tmp_path):
     other = _variant(tmp_path, "wide", intermediate_size=64)
-    refused(tmp_path, swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
-            "shapes differ", "mlp")
+    refused(
+        tmp_path,
+        swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
+        "shapes differ",
+        "mlp",
+    )
 
 
 def test_different_vocabularies_point_at_tokenizer(fam, tmp_path):
     other = _variant(tmp_path, "vocab", vocab_size=100)
-    message = refused(tmp_path, swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
-                      "vocabulary sizes differ")
+    message = refused(
+        tmp_path,
+        swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
+        "vocabulary sizes differ",
+    )
     assert "tokenizer:" in message
 
 
 def test_tied_and_untied_experts(fam, tmp_path):
     other = _variant(tmp_path, "tied", tie_word_embeddings=True)
-    refused(tmp_path, swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
-            "lm_head.weight", "untie")
+    refused(
+        tmp_path,
+        swap_recipe(fam, models=experts(fam)[:1] + [{"model": other, "parameters": {"role": "language"}}]),
+        "lm_head.weight",
+        "untie",
+    )
 
 
 def test_cli_prints_one_line_without_traceback(fam, tmp_path):

@@ -13,7 +13,7 @@ from example_stats import Z95, mean_ci, paired_difference, verdict, wilson  # no
 def test_wilson_at_zero_correct_has_the_closed_form_upper_bound():
     # p = 0: the Wilson interval is [0, (z^2/n) / (1 + z^2/n)]
     ci = wilson(0, 10)
-    q = Z95 ** 2 / 10
+    q = Z95**2 / 10
     assert ci["value"] == 0 and ci["low"] == 0
     assert ci["high"] == pytest.approx(q / (1 + q))
     assert ci["high"] == pytest.approx(0.2775, abs=1e-4)

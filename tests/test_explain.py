@@ -3,10 +3,8 @@
 import json
 
 import pytest
-
-from click.testing import CliRunner
-
 from checkpoints import load_tensors
+from click.testing import CliRunner
 from helpers import assert_one_line_error, swap_recipe, write_recipe
 
 
@@ -18,8 +16,10 @@ def explain(*args):
 
 def test_json_report_matches_hand_written_layout_and_bytes(families, tmp_path):
     fam = families("llama")  # 8 layers, b=2,u=1,t_b=1,t_u=1 -> L L B T T T B L
-    path = write_recipe(tmp_path / "r.yaml", swap_recipe(fam, bottom_layers=2, top_layers=1, bottom_transition=1,
-                                                            top_transition=1, non_layer="task"))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        swap_recipe(fam, bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1, non_layer="task"),
+    )
     result = explain(path, "--format", "json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
@@ -41,8 +41,10 @@ def test_json_report_matches_hand_written_layout_and_bytes(families, tmp_path):
 
 def test_text_report_and_linear_transitions(families, tmp_path):
     fam = families("qwen2")
-    path = write_recipe(tmp_path / "r.yaml", swap_recipe(fam, bottom_layers=1, top_layers=0, bottom_transition=2,
-                                                            transition_shape="linear"))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        swap_recipe(fam, bottom_layers=1, top_layers=0, bottom_transition=2, transition_shape="linear"),
+    )
     result = explain(path)
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.output.splitlines() if line.strip()[:1].isdigit()]
@@ -61,13 +63,17 @@ def test_bad_recipe_is_refused_like_a_merge(families, tmp_path):
 
 
 def test_magnitude_mix_and_bytes_before_and_after_the_statistics_are_cached(families, tmp_path, monkeypatch):
-    from helpers import run_yaml_inprocess
     from expectations import row_mav_mean
+    from helpers import run_yaml_inprocess
 
     monkeypatch.setenv("MERGEKIT_LAYERSWAP_CACHE", str(tmp_path / "cache"))
     fam = families("llama")
-    path = write_recipe(tmp_path / "r.yaml", swap_recipe(fam, base=True, weighting="magnitude", bottom_layers=2,
-                                                            top_layers=1, bottom_transition=1, top_transition=1))
+    path = write_recipe(
+        tmp_path / "r.yaml",
+        swap_recipe(
+            fam, base=True, weighting="magnitude", bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1
+        ),
+    )
 
     def size(model_dir, keep=lambda name: True):
         return sum(t.numel() * t.element_size() for n, t in load_tensors(model_dir).items() if keep(n))

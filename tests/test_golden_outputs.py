@@ -41,7 +41,6 @@ import os
 
 import pytest
 import torch
-
 from checkpoints import make_model
 from helpers import run_yaml_inprocess, swap_recipe, write_recipe
 
@@ -72,8 +71,9 @@ class Inputs:
 
         torch.manual_seed(5)
         model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32)
-        lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                init_lora_weights=False))
+        lora = get_peft_model(
+            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        )
         path = os.path.join(self.root, "adapter")
         lora.save_pretrained(path)
         return path
@@ -122,8 +122,9 @@ def _language_soup(inp, tmp):
 
 def _linear_shape(inp, tmp):
     fam = inp.families("qwen2")
-    return swap_recipe(fam, bottom_layers=1, top_layers=0, bottom_transition=2, top_transition=2,
-                       transition_shape="linear"), []
+    return swap_recipe(
+        fam, bottom_layers=1, top_layers=0, bottom_transition=2, top_transition=2, transition_shape="linear"
+    ), []
 
 
 def _task_arithmetic(inp, tmp):
@@ -156,8 +157,10 @@ def _bfloat16(inp, tmp):
 
 def _lora_language_expert(inp, tmp):
     fam = inp.families("llama")
-    models = [{"model": fam.task, "parameters": {"role": "task"}},
-              {"model": f"{fam.base}+{inp.adapter}", "parameters": {"role": "language"}}]
+    models = [
+        {"model": fam.task, "parameters": {"role": "task"}},
+        {"model": f"{fam.base}+{inp.adapter}", "parameters": {"role": "language"}},
+    ]
     recipe = swap_recipe(fam, models=models, bottom_layers=2, top_layers=1, top_transition=1)
     return recipe, ["--lora-merge-cache", os.path.join(tmp, "lora-cache")]
 
@@ -246,16 +249,20 @@ def output_digests(out_dir: str, tokens: dict, basetemp: str) -> dict:
 def test_output_bytes_are_unchanged(case, inputs, recorded, tmp_path, tmp_path_factory):
     golden, env = _load_golden(), environment()
     if not UPDATE and golden["environment"] != env:
-        differ = {name: f"{golden['environment'].get(name)} -> {env[name]}"
-                  for name in env if golden["environment"].get(name) != env[name]}
-        pytest.skip(f"golden digests were made with other versions ({differ}); they are compared "
-                    f"only under the versions that made them")
+        differ = {
+            name: f"{golden['environment'].get(name)} -> {env[name]}"
+            for name in env
+            if golden["environment"].get(name) != env[name]
+        }
+        pytest.skip(
+            f"golden digests were made with other versions ({differ}); they are compared "
+            f"only under the versions that made them"
+        )
     recipe, options = CASES[case](inputs, str(tmp_path))
     out = tmp_path / "out"
     result = run_yaml_inprocess(write_recipe(tmp_path / "recipe.yaml", recipe), out, *options)
     assert result.exit_code == 0, result.output + repr(result.exception)
-    digests = output_digests(str(out), {**inputs.tokens(), str(tmp_path): "<tmp>"},
-                             str(tmp_path_factory.getbasetemp()))
+    digests = output_digests(str(out), {**inputs.tokens(), str(tmp_path): "<tmp>"}, str(tmp_path_factory.getbasetemp()))
     recorded[case] = digests
     if UPDATE:
         return

@@ -46,10 +46,14 @@ LINEAR = [
 @pytest.mark.parametrize("L,zones,layer,task_share", LINEAR)
 def test_linear_transition_shares(L, zones, layer, task_share):
     shares = role_shares(layer, L, zones, transition_shape="linear")
-    assert shares["task"] == pytest.approx(float(task_share)) and shares["language"] == pytest.approx(1 - float(task_share))
+    assert shares["task"] == pytest.approx(float(task_share)) and shares["language"] == pytest.approx(
+        1 - float(task_share)
+    )
 
 
-@pytest.mark.parametrize("non_layer,expected", [("average", (0.5, 0.5)), ("language", (0.0, 1.0)), ("task", (1.0, 0.0))])
+@pytest.mark.parametrize(
+    "non_layer,expected", [("average", (0.5, 0.5)), ("language", (0.0, 1.0)), ("task", (1.0, 0.0))]
+)
 def test_non_layer_shares(non_layer, expected):
     shares = role_shares(None, None, SwapZones(), non_layer=non_layer)
     assert (shares["task"], shares["language"]) == expected
@@ -82,8 +86,10 @@ MIX = [
 def test_mix_roles(task, language, task_share, expected):
     from mergekit_layerswap.adapter.mixing import mix_roles
 
-    members = {"task": [(torch.full((3, 5), v), w) for v, w in task],
-               "language": [(torch.full((3, 5), v), w) for v, w in language]}
+    members = {
+        "task": [(torch.full((3, 5), v), w) for v, w in task],
+        "language": [(torch.full((3, 5), v), w) for v, w in language],
+    }
     out = mix_roles(members, {"task": task_share, "language": 1 - task_share})
     assert out.dtype == torch.float32 and out.shape == (3, 5)
     assert torch.allclose(out, torch.full((3, 5), expected, dtype=torch.float32))

@@ -5,15 +5,13 @@ import os
 
 import pytest
 import torch
-
 from checkpoints import load_tensors
-from helpers import Family, merge, run_yaml_inprocess, swap_recipe, write_recipe
 from expectations import check_swap, row_mav_mean
+from helpers import Family, merge, run_yaml_inprocess, swap_recipe, write_recipe
 
 # expected layer sources, written out by hand: b=2, u=1, t_b=1, t_u=1
 ZONED = dict(bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1)
 ZONED_SOURCES = {8: "LLBTTTBL", 6: "LLBTBL"}
-
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gemma2", "gpt2", "phi3"])
@@ -95,8 +93,9 @@ def test_weight_gradient_per_layer(families, tmp_path):
         {"model": fam.task, "parameters": {"role": "task"}},
         {"model": fam.lang, "parameters": {"role": "language", "weight": [1.0, 6.0]}},
     ]
-    out = merge(tmp_path, swap_recipe(fam, models=models, bottom_layers=1, top_layers=1,
-                                      bottom_transition=2, top_transition=2))
+    out = merge(
+        tmp_path, swap_recipe(fam, models=models, bottom_layers=1, top_layers=1, bottom_transition=2, top_transition=2)
+    )
 
     def w_lang(name, layer):
         return 1.0 if layer is None else 1.0 + 5.0 * layer / 5
@@ -108,8 +107,10 @@ def test_weight_filter_per_module(families, tmp_path):
     fam = families("llama")
     models = [
         {"model": fam.task, "parameters": {"role": "task"}},
-        {"model": fam.lang, "parameters": {"role": "language",
-                                            "weight": [{"filter": "self_attn", "value": 4.0}, {"value": 1.0}]}},
+        {
+            "model": fam.lang,
+            "parameters": {"role": "language", "weight": [{"filter": "self_attn", "value": 4.0}, {"value": 1.0}]},
+        },
     ]
     out = merge(tmp_path, swap_recipe(fam, models=models, **ZONED))
     check_swap(out, fam, ZONED_SOURCES[8], w_lang=lambda name, layer: 4.0 if "self_attn" in name else 1.0)
@@ -136,9 +137,12 @@ def test_bfloat16_checkpoints(tmp_path, families):
     from checkpoints import ARCHS, make_model
 
     arch, base = ARCHS["mistral"], families("mistral").base
-    fam = Family(arch=arch, base=base,
-                 task=make_model(arch, str(tmp_path / "task16"), 4, base_path=base, dtype=torch.bfloat16),
-                 lang=make_model(arch, str(tmp_path / "lang16"), 5, base_path=base, dtype=torch.bfloat16))
+    fam = Family(
+        arch=arch,
+        base=base,
+        task=make_model(arch, str(tmp_path / "task16"), 4, base_path=base, dtype=torch.bfloat16),
+        lang=make_model(arch, str(tmp_path / "lang16"), 5, base_path=base, dtype=torch.bfloat16),
+    )
     recipe = swap_recipe(fam, **ZONED)
     recipe["dtype"] = "bfloat16"
     out = merge(tmp_path, recipe)
@@ -165,9 +169,12 @@ def test_sharded_inputs_and_outputs(tmp_path, families):
     from checkpoints import ARCHS, make_model
 
     arch, base = ARCHS["llama"], families("llama").base
-    fam = Family(arch=arch, base=base,
-                 task=make_model(arch, str(tmp_path / "task"), 6, base_path=base, max_shard_size="40KB"),
-                 lang=make_model(arch, str(tmp_path / "lang"), 7, base_path=base, max_shard_size="40KB"))
+    fam = Family(
+        arch=arch,
+        base=base,
+        task=make_model(arch, str(tmp_path / "task"), 6, base_path=base, max_shard_size="40KB"),
+        lang=make_model(arch, str(tmp_path / "lang"), 7, base_path=base, max_shard_size="40KB"),
+    )
     assert os.path.exists(os.path.join(fam.task, "model.safetensors.index.json"))
     out = merge(tmp_path, swap_recipe(fam, **ZONED), "--out-shard-size", "20K")
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 2
@@ -199,8 +206,12 @@ def _as_pickled(src, dst):
 
 def test_pickled_inputs_with_lazy_unpickle(families, tmp_path):
     src = families("llama")
-    fam = Family(arch=src.arch, base=src.base, task=_as_pickled(src.task, tmp_path / "task"),
-                 lang=_as_pickled(src.lang, tmp_path / "lang"))
+    fam = Family(
+        arch=src.arch,
+        base=src.base,
+        task=_as_pickled(src.task, tmp_path / "task"),
+        lang=_as_pickled(src.lang, tmp_path / "lang"),
+    )
     out = merge(tmp_path, swap_recipe(fam, **ZONED), "--lazy-unpickle")
     check_swap(out, src, ZONED_SOURCES[8])
 
@@ -229,8 +240,13 @@ def test_model_card_describes_the_swap(families, tmp_path):
     fam = families("llama")
     out = merge(tmp_path, swap_recipe(fam, base=True, weighting="magnitude", **ZONED))
     card = open(os.path.join(out, "README.md")).read()
-    for row in ("| 0-1 | language expert |", "| 2 | blend of task and language experts |", "| 3-5 | task expert |",
-                "| 6 | blend of task and language experts |", "| 7 | language expert |"):
+    for row in (
+        "| 0-1 | language expert |",
+        "| 2 | blend of task and language experts |",
+        "| 3-5 | task expert |",
+        "| 6 | blend of task and language experts |",
+        "| 7 | language expert |",
+    ):
         assert row in card, row
     assert f"| task | {fam.task} | 1.0 |" in card and f"| language | {fam.lang} | 1.0 |" in card
     # the magnitude reference is not presented as a base the model was merged on

@@ -85,7 +85,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for target in sorted(graph.get(node, ())):
             if state.get(target) == "open":
-                cycles.append(stack[stack.index(target):] + [target])
+                cycles.append(stack[stack.index(target) :] + [target])
             elif target not in state:
                 visit(target, stack + [target])
         state[node] = "done"
@@ -109,15 +109,18 @@ def test_core_imports_only_the_standard_library_and_yaml(module):
 
 
 def test_only_cli_imports_click():
-    offenders = [m for m, p in MODULES.items() if _rank(m) != 3
-                 for name in _imports(m, p) if name.split(".")[0] == "click"]
+    offenders = [
+        m for m, p in MODULES.items() if _rank(m) != 3 for name in _imports(m, p) if name.split(".")[0] == "click"
+    ]
     assert not offenders, offenders
 
 
 def test_core_loads_without_torch_mergekit_or_click():
-    code = ("import sys, mergekit_layerswap.core.recipe, mergekit_layerswap.core.parameters, "
-            "mergekit_layerswap.core.layers, mergekit_layerswap.core.errors; "
-            "print(sorted(m for m in ('torch', 'mergekit', 'click') if m in sys.modules))")
+    code = (
+        "import sys, mergekit_layerswap.core.recipe, mergekit_layerswap.core.parameters, "
+        "mergekit_layerswap.core.layers, mergekit_layerswap.core.errors; "
+        "print(sorted(m for m in ('torch', 'mergekit', 'click') if m in sys.modules))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

@@ -12,10 +12,8 @@ import os
 import shutil
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
-
 from helpers import merge, refused, swap_recipe
+from safetensors.torch import load_file, save_file
 
 ZONES = dict(bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1)
 LAYER_TENSOR = "model.layers.3.mlp.up_proj.weight"
@@ -49,8 +47,10 @@ def recipe_of(family):
 
 
 def output_digest(out):
-    return {os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
-            for p in sorted(glob.glob(os.path.join(out, "*.safetensors")))}
+    return {
+        os.path.basename(p): hashlib.sha256(open(p, "rb").read()).hexdigest()
+        for p in sorted(glob.glob(os.path.join(out, "*.safetensors")))
+    }
 
 
 def fresh(tmp_path, name):
@@ -136,8 +136,9 @@ def test_an_unwritable_cache_only_warns(family, tmp_path, monkeypatch, caplog):
     assert output_digest(out) == output_digest(no_cache_merge(tmp_path, family, monkeypatch))
 
 
-@pytest.mark.parametrize("role,value", [("task", float("nan")), ("lang", float("inf")),
-                                        ("base", float("nan")), ("task", float("-inf"))])
+@pytest.mark.parametrize(
+    "role,value", [("task", float("nan")), ("lang", float("inf")), ("base", float("nan")), ("task", float("-inf"))]
+)
 def test_a_non_finite_weight_is_refused_naming_model_and_tensor(family, cache, tmp_path, role, value):
     def poison(tensors):
         tensors[LAYER_TENSOR][1, 2] = value

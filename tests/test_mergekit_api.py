@@ -7,7 +7,6 @@ MergePlanner and every planned tensor is checked for the inputs it reads.
 from importlib.metadata import version
 
 import torch
-
 from checkpoints import load_tensors
 from helpers import swap_recipe
 
@@ -40,11 +39,17 @@ def test_adapted_functions_are_in_place():
     import mergekit.merge
     import mergekit.plan
 
-    for owner, name in [(mergekit.merge, "get_architecture_info"), (mergekit.merge, "_model_out_config"),
-                        (mergekit.merge, "_get_donor_model"), (mergekit.merge, "generate_card"),
-                        (mergekit.card, "is_hf"), (mergekit.plan.MergePlanner, "normalize_config"),
-                        (mergekit.plan.MergePlanner, "plan_layer"), (mergekit.plan.MergePlanner, "plan_tensor"),
-                        (mergekit.plan.MergePlanner, "plan_to_disk")]:
+    for owner, name in [
+        (mergekit.merge, "get_architecture_info"),
+        (mergekit.merge, "_model_out_config"),
+        (mergekit.merge, "_get_donor_model"),
+        (mergekit.merge, "generate_card"),
+        (mergekit.card, "is_hf"),
+        (mergekit.plan.MergePlanner, "normalize_config"),
+        (mergekit.plan.MergePlanner, "plan_layer"),
+        (mergekit.plan.MergePlanner, "plan_tensor"),
+        (mergekit.plan.MergePlanner, "plan_to_disk"),
+    ]:
         assert getattr(getattr(owner, name), "__layerswap_original__", None) is not None, name
 
 
@@ -67,9 +72,19 @@ def _plan(recipe, out_path):
 def test_planner_reads_only_the_experts_each_tensor_needs(families, tmp_path):
     fam = families("llama")  # 8 layers, b=2,u=1,t_b=1,t_u=1
     sources = "LLBTTTBL"
-    targets, executor = _plan(swap_recipe(fam, base=True, weighting="magnitude", bottom_layers=2, top_layers=1,
-                                          bottom_transition=1, top_transition=1, non_layer="language"),
-                              str(tmp_path / "out"))
+    targets, executor = _plan(
+        swap_recipe(
+            fam,
+            base=True,
+            weighting="magnitude",
+            bottom_layers=2,
+            top_layers=1,
+            bottom_transition=1,
+            top_transition=1,
+            non_layer="language",
+        ),
+        str(tmp_path / "out"),
+    )
     wanted = {"L": {fam.lang}, "T": {fam.task}, "B": {fam.task, fam.lang}}
     seen = set()
     for target in targets:
@@ -79,7 +94,10 @@ def test_planner_reads_only_the_experts_each_tensor_needs(families, tmp_path):
         read = {str(model) for model in task.gather_tensors.weight_info.keys()}
         kind = sources[layer] if layer is not None else "L"
         assert read == wanted[kind], (name, read)
-        assert task.parameters["layer_index"] == (layer if layer is not None else "non_layer") and task.parameters["num_layers"] == 8
+        assert (
+            task.parameters["layer_index"] == (layer if layer is not None else "non_layer")
+            and task.parameters["num_layers"] == 8
+        )
         seen.add(name)
     assert seen == set(load_tensors(fam.lang))
     executor.execute()

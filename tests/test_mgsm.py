@@ -18,17 +18,20 @@ import re
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
-
 from checkpoints import ARCHS, make_model
+from click.testing import CliRunner
 from helpers import Family, swap_recipe, write_recipe
 
 lm_eval = pytest.importorskip("lm_eval")
 
 TASK = "mgsm_symbolic_native_cot_swh"
 QUESTIONS = ["w10 w11 w12", "w20 w21", "w30 w31 w32 w33", "w40 w2", "w50 w51 w52", "w60"]
-EXEMPLAR = {"question": "Swali: w3 w4 w5", "answer": "Jibu la Hatua kwa Hatua: w6 w7 Jibu ni 12.", "answer_number": 12,
-            "language": "swh"}  # every split needs the same columns: datasets infers one schema
+EXEMPLAR = {
+    "question": "Swali: w3 w4 w5",
+    "answer": "Jibu la Hatua kwa Hatua: w6 w7 Jibu ni 12.",
+    "answer_number": 12,
+    "language": "swh",
+}  # every split needs the same columns: datasets infers one schema
 NEW_TOKENS = 6
 
 
@@ -50,8 +53,7 @@ def _write_task(folder, rows, shots=1):
     with open(os.path.join(folder, TASK + ".yaml"), "w") as handle:
         # train before test, as the data command writes it: datasets infers the schema from the
         # first file, and "answer" is null in every test row
-        yaml.safe_dump(task_config(LANGUAGES["swh"], train, test, shots), handle, allow_unicode=True,
-                       sort_keys=False)
+        yaml.safe_dump(task_config(LANGUAGES["swh"], train, test, shots), handle, allow_unicode=True, sort_keys=False)
     return test
 
 
@@ -67,11 +69,13 @@ def tiny(tmp_path_factory):
     tokenizer.eos_token = "<unk>"  # lm-eval adds the eos text to its stop sequences
     expected, rows = {}, []
     for index, question in enumerate(QUESTIONS):
-        prompt = ("Swali: w3 w4 w5\nJibu la Hatua kwa Hatua: w6 w7 Jibu ni 12.\n\n"
-                  f"Swali: {question}\nJibu la Hatua kwa Hatua:")
+        prompt = (
+            "Swali: w3 w4 w5\nJibu la Hatua kwa Hatua: w6 w7 Jibu ni 12.\n\n"
+            f"Swali: {question}\nJibu la Hatua kwa Hatua:"
+        )
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
         out = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
-        text = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
         number = _last_number(text)
         right = index % 2 == 0 and number is not None
         answer = int(number) if right else (int(number) + 1 if number else 7)
@@ -110,15 +114,17 @@ def test_evaluator_limit_metric_and_one_task_manager(tiny):
     from mergekit_layerswap.tools.evaluate import Evaluator, task_manager
 
     model, tokenizer, folder, _, expected = tiny
-    evaluator = Evaluator(f"lm-eval:{TASK}", limit=2, tasks_path=folder, metric="exact_match,flexible-extract",
-                          max_new_tokens=NEW_TOKENS)
+    evaluator = Evaluator(
+        f"lm-eval:{TASK}", limit=2, tasks_path=folder, metric="exact_match,flexible-extract", max_new_tokens=NEW_TOKENS
+    )
     score = evaluator(model, tokenizer)
     first_two = [expected[q]["right"] for q in QUESTIONS[:2]]
     assert score.count == 2 and score.value == pytest.approx(sum(first_two) / 2)
     assert task_manager(folder, TASK) is task_manager(folder, TASK)
     with pytest.raises(OptionError, match="exact_match,strict-match"):
-        Evaluator(f"lm-eval:{TASK}", limit=1, tasks_path=folder, metric="accuracy",
-                  max_new_tokens=NEW_TOKENS)(model, tokenizer)
+        Evaluator(f"lm-eval:{TASK}", limit=1, tasks_path=folder, metric="accuracy", max_new_tokens=NEW_TOKENS)(
+            model, tokenizer
+        )
 
 
 def test_builtin_exact_match_with_the_mgsm_prompt_matches_lm_eval(tiny):
@@ -126,7 +132,8 @@ def test_builtin_exact_match_with_the_mgsm_prompt_matches_lm_eval(tiny):
 
     model, tokenizer, _, test_file, expected = tiny
     score = Evaluator(f"exact-match:{test_file}", prompt="mgsm", batch_size=1, max_new_tokens=NEW_TOKENS)(
-        model, tokenizer)
+        model, tokenizer
+    )
     assert score.metric == "exact_match,mgsm-native-cot-1shot"
     assert score.value == pytest.approx(sum(e["right"] for e in expected.values()) / len(QUESTIONS))
 
@@ -142,8 +149,17 @@ def test_generated_yaml_mirrors_lm_eval_mgsm_native_cot():
     for lang in LANGUAGES.values():
         theirs = load_yaml_config(os.path.join(folder, f"mgsm_native_cot_{lang.mgsm}.yaml"))
         ours = task_config(lang, "/a/train.jsonl", "/a/test.jsonl", 8)
-        for key in ("doc_to_text", "doc_to_target", "filter_list", "generation_kwargs", "metric_list",
-                    "target_delimiter", "output_type", "training_split", "test_split"):
+        for key in (
+            "doc_to_text",
+            "doc_to_target",
+            "filter_list",
+            "generation_kwargs",
+            "metric_list",
+            "target_delimiter",
+            "output_type",
+            "training_split",
+            "test_split",
+        ):
             assert ours[key] == theirs[key], (lang.code, key)
         assert ours["task"] != theirs["task"] and ours["tag"] != theirs.get("tag")
         assert ours["dataset_kwargs"] == {"data_files": {"train": "/a/train.jsonl", "test": "/a/test.jsonl"}}
@@ -158,10 +174,14 @@ def _templates(root, language="swh"):
     for index in list(range(0, 6)) + list(range(60, 66)):
         (folder / f"{index:04d}.toml").write_text(
             'question_annotated = """{n, Amani} ana {x, 4} maembe na anapata {y, 3} zaidi. Ana maembe mangapi?\n'
-            '#init:\n- n = sample(names)\n- $x = range(2, 90)\n- $y = range(2, 90)\n#answer: x + y + ' + str(index)
-            + '\n"""\nanswer_annotated = """' + "w" * index + 'Alikuwa na {x} na akapata {y}.\n'
-            'Jumla ni {x} + {y} + ' + str(index) + ' = <<{x}+{y}={x+y}>>{x+y+' + str(index) + '}.\n'
-            '#### {x+y+' + str(index) + '}"""\n')
+            "#init:\n- n = sample(names)\n- $x = range(2, 90)\n- $y = range(2, 90)\n#answer: x + y + "
+            + str(index)
+            + '\n"""\nanswer_annotated = """'
+            + "w" * index
+            + "Alikuwa na {x} na akapata {y}.\n"
+            "Jumla ni {x} + {y} + " + str(index) + " = <<{x}+{y}={x+y}>>{x+y+" + str(index) + "}.\n"
+            "#### {x+y+" + str(index) + '}"""\n'
+        )
     return str(root)
 
 
@@ -170,8 +190,23 @@ def test_data_command_writes_mgsm_rows_and_a_runnable_yaml(tmp_path):
 
     source = _templates(tmp_path / "templates")
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["data", "mgsm-symbolic", "--lang", "swh", "--out", str(out), "--shots", "3",
-                                       "--instances", "4", "--source", source])
+    result = CliRunner().invoke(
+        main,
+        [
+            "data",
+            "mgsm-symbolic",
+            "--lang",
+            "swh",
+            "--out",
+            str(out),
+            "--shots",
+            "3",
+            "--instances",
+            "4",
+            "--source",
+            source,
+        ],
+    )
     assert result.exit_code == 0, result.output
     train = [json.loads(line) for line in (out / "mgsm_symbolic_swh_train.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (out / "mgsm_symbolic_swh_test.jsonl").read_text().splitlines()]
@@ -191,23 +226,43 @@ def test_data_command_writes_mgsm_rows_and_a_runnable_yaml(tmp_path):
     assert config["task"] == TASK and config["num_fewshot"] == 3 and config["dataset_path"] == "json"
     assert config["dataset_kwargs"]["data_files"]["test"] == str(out / "mgsm_symbolic_swh_test.jsonl")
     assert "Built for 3-shot" in (out / f"{TASK}.yaml").read_text()
-    again = CliRunner().invoke(main, ["data", "mgsm-symbolic", "--lang", "swh", "--out", str(tmp_path / "again"),
-                                      "--shots", "3", "--instances", "4", "--source", source])
+    again = CliRunner().invoke(
+        main,
+        [
+            "data",
+            "mgsm-symbolic",
+            "--lang",
+            "swh",
+            "--out",
+            str(tmp_path / "again"),
+            "--shots",
+            "3",
+            "--instances",
+            "4",
+            "--source",
+            source,
+        ],
+    )
     assert again.exit_code == 0
     assert (tmp_path / "again" / "mgsm_symbolic_swh_test.jsonl").read_text() == (
-        out / "mgsm_symbolic_swh_test.jsonl").read_text()
+        out / "mgsm_symbolic_swh_test.jsonl"
+    ).read_text()
 
 
-@pytest.mark.parametrize("args,word", [
-    (["--lang", "xyz"], "--lang"),
-    (["--lang", "swh", "--shots", "7"], "--shots"),
-])
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["--lang", "xyz"], "--lang"),
+        (["--lang", "swh", "--shots", "7"], "--shots"),
+    ],
+)
 def test_data_command_refuses_bad_input_without_writing(tmp_path, args, word):
     from mergekit_layerswap.cli.main import main
 
     source = _templates(tmp_path / "templates")
-    result = CliRunner().invoke(main, ["data", "mgsm-symbolic", *args, "--out", str(tmp_path / "out"),
-                                       "--source", source])
+    result = CliRunner().invoke(
+        main, ["data", "mgsm-symbolic", *args, "--out", str(tmp_path / "out"), "--source", source]
+    )
     assert result.exit_code != 0 and word in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1 or "Error:" in result.output.splitlines()[-1]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -236,10 +291,29 @@ def test_sweep_ranks_by_an_lm_eval_metric_on_candidates_in_memory(tmp_path, monk
 
     monkeypatch.setattr(TaskManager, "__init__", counting)
     before = set(os.listdir(tmp_path))
-    result = CliRunner().invoke(main, [
-        "sweep", recipe, "--grid", "bottom_layers=1,2", "--eval", f"lm-eval:{TASK}", "--tasks-path", folder,
-        "--metric", "exact_match,flexible-extract", "--limit", "3", "--max-new-tokens", "4", "--no-baselines",
-        "--out", str(tmp_path / "sweep"), "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            recipe,
+            "--grid",
+            "bottom_layers=1,2",
+            "--eval",
+            f"lm-eval:{TASK}",
+            "--tasks-path",
+            folder,
+            "--metric",
+            "exact_match,flexible-extract",
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--no-baselines",
+            "--out",
+            str(tmp_path / "sweep"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open(tmp_path / "sweep" / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -247,8 +321,14 @@ def test_sweep_ranks_by_an_lm_eval_metric_on_candidates_in_memory(tmp_path, monk
     assert all(r["metric"] == "exact_match,flexible-extract" and r["count"] == "3" and r["stderr"] != "" for r in rows)
     assert len(built) == 1  # one task manager for the whole sweep
     assert set(os.listdir(tmp_path)) - before == {"sweep"}  # no candidate checkpoint written
-    assert sorted(os.listdir(tmp_path / "sweep")) == ["best.yaml", "best_fingerprint.json", "results.csv",
-                                                      "scores.png", "summary.json", "sweep.json"]
+    assert sorted(os.listdir(tmp_path / "sweep")) == [
+        "best.yaml",
+        "best_fingerprint.json",
+        "results.csv",
+        "scores.png",
+        "summary.json",
+        "sweep.json",
+    ]
 
 
 def test_bad_eval_options_are_one_line_errors(tmp_path, families):
@@ -258,11 +338,14 @@ def test_bad_eval_options_are_one_line_errors(tmp_path, families):
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam))
     text = tmp_path / "t.txt"
     text.write_text("w1 w2 w3")
-    for args, word in ((["--eval", f"perplexity:{text}", "--prompt", "mgsm"], "--prompt"),
-                       (["--eval", f"exact-match:{text}", "--prompt", "mgsm"], "_test.jsonl"),
-                       (["--eval", f"lm-eval:{TASK}", "--tasks-path", str(tmp_path / "none")], "--tasks-path")):
-        result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1", *args,
-                                           "--out", str(tmp_path / "out")])
+    for args, word in (
+        (["--eval", f"perplexity:{text}", "--prompt", "mgsm"], "--prompt"),
+        (["--eval", f"exact-match:{text}", "--prompt", "mgsm"], "_test.jsonl"),
+        (["--eval", f"lm-eval:{TASK}", "--tasks-path", str(tmp_path / "none")], "--tasks-path"),
+    ):
+        result = CliRunner().invoke(
+            main, ["sweep", recipe, "--grid", "bottom_layers=1", *args, "--out", str(tmp_path / "out")]
+        )
         assert result.exit_code != 0 and word in result.output and "Traceback" not in result.output, result.output
         assert not (tmp_path / "out").exists()
 

@@ -20,9 +20,8 @@ import time
 
 import pytest
 import yaml
-from click.testing import CliRunner
-
 from checkpoints import ARCHS, Arch, load_tensors, make_model
+from click.testing import CliRunner
 from helpers import Family, assert_one_line_error, run_yaml_inprocess, swap_recipe, write_recipe
 
 REPLACE_ENV = "MERGEKIT_LAYERSWAP_REPLACE_OUTPUT"
@@ -73,8 +72,7 @@ def mounted(kind: str, where, size: int = 0, source=None):
     if kind == "tmpfs":
         commands = [["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)]]
     else:
-        commands = [["mount", "--bind", str(source), str(where)],
-                    ["mount", "-o", "remount,ro,bind", str(where)]]
+        commands = [["mount", "--bind", str(source), str(where)], ["mount", "-o", "remount,ro,bind", str(where)]]
     for command in commands:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -136,8 +134,13 @@ def assert_is_previous_merge(target, previous_merge):
 
 # ------------------------------------------- output overlapping an input
 def _lora_recipe(fam, adapter):
-    return swap_recipe(fam, models=[{"model": fam.task, "parameters": {"role": "task"}},
-                                    {"model": f"{fam.lang}+{adapter}", "parameters": {"role": "language"}}])
+    return swap_recipe(
+        fam,
+        models=[
+            {"model": fam.task, "parameters": {"role": "task"}},
+            {"model": f"{fam.lang}+{adapter}", "parameters": {"role": "language"}},
+        ],
+    )
 
 
 # name -> (recipe(fam, adapter), output(fam, adapter, tmp_path), words the line must hold, extra options)
@@ -149,17 +152,32 @@ OVERLAPS = {
     "expert, ./relative/": (swap_recipe, lambda f, a, t: "./" + os.path.relpath(f.task) + "/", ["is an input"]),
     "expert, via ..": (swap_recipe, lambda f, a, t: os.path.join(f.lang, "..", "task"), ["is an input", "task"]),
     "expert, symlink": (swap_recipe, lambda f, a, t: _link(t, f.lang), ["is an input", "language expert"]),
-    "inside an expert": (swap_recipe, lambda f, a, t: os.path.join(f.task, "merged"),
-                         ["is inside an input", "task expert"]),
-    "inside an expert via symlink": (swap_recipe, lambda f, a, t: os.path.join(_link(t, f.task), "m"),
-                                     ["is inside an input"]),
+    "inside an expert": (
+        swap_recipe,
+        lambda f, a, t: os.path.join(f.task, "merged"),
+        ["is inside an input", "task expert"],
+    ),
+    "inside an expert via symlink": (
+        swap_recipe,
+        lambda f, a, t: os.path.join(_link(t, f.task), "m"),
+        ["is inside an input"],
+    ),
     "contains the experts": (swap_recipe, lambda f, a, t: f.root, ["contains an input"]),
-    "base_model": (lambda f, a: swap_recipe(f, base=True, weighting="magnitude"), lambda f, a, t: f.base,
-                   ["is an input", "base_model"]),
-    "tokenizer source": (lambda f, a: {**swap_recipe(f), "tokenizer": {"source": f.base}},
-                         lambda f, a, t: f.base, ["is an input", "tokenizer.source"]),
-    "tokenizer_source": (lambda f, a: {**swap_recipe(f), "tokenizer_source": f.base},
-                         lambda f, a, t: f.base + "/", ["is an input", "tokenizer_source"]),
+    "base_model": (
+        lambda f, a: swap_recipe(f, base=True, weighting="magnitude"),
+        lambda f, a, t: f.base,
+        ["is an input", "base_model"],
+    ),
+    "tokenizer source": (
+        lambda f, a: {**swap_recipe(f), "tokenizer": {"source": f.base}},
+        lambda f, a, t: f.base,
+        ["is an input", "tokenizer.source"],
+    ),
+    "tokenizer_source": (
+        lambda f, a: {**swap_recipe(f), "tokenizer_source": f.base},
+        lambda f, a, t: f.base + "/",
+        ["is an input", "tokenizer_source"],
+    ),
     "LoRA adapter": (_lora_recipe, lambda f, a, t: a, ["is an input", "LoRA adapter"]),
     "inside a LoRA adapter": (_lora_recipe, lambda f, a, t: os.path.join(a, "out"), ["is inside", "LoRA adapter"]),
 }
@@ -201,8 +219,12 @@ def test_output_equal_to_the_lora_merge_cache_is_refused(fam, adapter, tmp_path)
 def test_installed_mergekit_yaml_refuses_an_expert_as_output(fam, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam))
     before = tree_digest(fam.root)
-    done = subprocess.run([yaml_exe(), str(recipe), os.path.relpath(fam.task, tmp_path) + "/"],
-                          capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [yaml_exe(), str(recipe), os.path.relpath(fam.task, tmp_path) + "/"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     line = cli_error_line(done)
     assert "is an input of the merge, the task expert models[0]" in line
     assert tree_digest(fam.root) == before
@@ -236,13 +258,15 @@ def test_rerun_replaces_an_earlier_merge_without_stale_files(fam, tmp_path):
         result = run_yaml_inprocess(recipe, out, *options)
         assert result.exit_code == 0, result.output
         assert sorted(os.listdir(out)) == sorted(os.listdir(expected))
-        rel = lambda d: {os.path.relpath(p, d): h for p, h in tree_digest(d).items()  # noqa: E731
-                         if not p.endswith("README.md")}  # the card is named after its directory
-        assert rel(out) == rel(expected)
+        assert _digests_without_card(out) == _digests_without_card(expected)  # the card names its directory
     for path in tree_digest(out):
         assert b"layerswap-tmp" not in open(path, "rb").read(), path
     assert "\n# out\n" in (out / "README.md").read_text()
     assert not leftovers(tmp_path)
+
+
+def _digests_without_card(directory):
+    return {os.path.relpath(p, directory): h for p, h in tree_digest(directory).items() if not p.endswith("README.md")}
 
 
 @pytest.mark.parametrize("foreign", ["notes.txt", "checkpoint-500/", ".git/", "model.safetensors.bak"])
@@ -256,8 +280,9 @@ def test_existing_target_with_foreign_files_is_refused(fam, previous_merge, tmp_
         open(path, "wb").write(b"precious")
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, bottom_layers=2))
     before = tree_digest(target, fam.root)
-    message = assert_one_line_error(run_yaml_inprocess(recipe, target), "holds files a merge does not write",
-                                    foreign, f"{REPLACE_ENV}=1")
+    message = assert_one_line_error(
+        run_yaml_inprocess(recipe, target), "holds files a merge does not write", foreign, f"{REPLACE_ENV}=1"
+    )
     assert "choose another output directory" in message
     assert tree_digest(target, fam.root) == before
     assert not leftovers(tmp_path)
@@ -315,10 +340,21 @@ def big_family(tmp_path_factory):
     """Experts of ~31 MB each: written as 1 MB shards the merge takes seconds to write."""
     from transformers import LlamaConfig
 
-    arch = Arch("llama-wide", lambda: LlamaConfig(
-        hidden_size=256, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=96, max_position_embeddings=64, tie_word_embeddings=False),
-        "model.layers.{}.", 8)
+    arch = Arch(
+        "llama-wide",
+        lambda: LlamaConfig(
+            hidden_size=256,
+            intermediate_size=1024,
+            num_hidden_layers=8,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+            max_position_embeddings=64,
+            tie_word_embeddings=False,
+        ),
+        "model.layers.{}.",
+        8,
+    )
     root = tmp_path_factory.mktemp("big")
     task = make_model(arch, str(root / "task"), seed=2)
     lang = make_model(arch, str(root / "lang"), seed=3)
@@ -330,8 +366,12 @@ def test_merge_killed_mid_write_leaves_the_previous_merge(big_family, previous_m
     target = copy_merge(previous_merge, tmp_path / "out")
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(big_family, bottom_layers=2))
     inputs = tree_digest(big_family.root)
-    process = subprocess.Popen([yaml_exe(), str(recipe), str(target), "--out-shard-size", "1M"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path)
+    process = subprocess.Popen(
+        [yaml_exe(), str(recipe), str(target), "--out-shard-size", "1M"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     temp = f"{target}.layerswap-tmp-{process.pid}"
     deadline = time.monotonic() + 600
     while not (os.path.isdir(temp) and any(n.endswith(".safetensors") for n in os.listdir(temp))):
@@ -365,8 +405,13 @@ def test_write_failure_mid_merge_leaves_the_previous_merge(fam, previous_merge, 
     target = copy_merge(previous_merge, tmp_path / "out")
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, bottom_layers=2))
     before = tree_digest(fam.root)
-    done = subprocess.run([yaml_exe(), str(recipe), str(target)], capture_output=True, text=True, cwd=tmp_path,
-                          preexec_fn=_limit_file_size(64 * 1024))
+    done = subprocess.run(
+        [yaml_exe(), str(recipe), str(target)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        preexec_fn=_limit_file_size(64 * 1024),
+    )
     line = cli_error_line(done)
     for words in ("writing the merge failed", "File too large", "was left as it was", "partial output was removed"):
         assert words in line, line
@@ -404,8 +449,13 @@ def test_disk_filling_up_mid_merge_leaves_the_previous_merge(big_family, previou
     inputs = tree_digest(big_family.root)
     with mounted("tmpfs", tmp_path / "disk", size=48 << 20) as disk:
         target = copy_merge(previous_merge, os.path.join(disk, "out"))
-        process = subprocess.Popen([yaml_exe(), str(recipe), target, "--out-shard-size", "1M"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+        process = subprocess.Popen(
+            [yaml_exe(), str(recipe), target, "--out-shard-size", "1M"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
         temp = f"{target}.layerswap-tmp-{process.pid}"
         deadline = time.monotonic() + 600
         while not (os.path.isdir(temp) and any(n.endswith(".safetensors") for n in os.listdir(temp))):
@@ -436,8 +486,7 @@ def test_read_only_output_location(fam, previous_merge, tmp_path, existing):
     before = tree_digest(fam.root)
     with mounted("ro-bind", tmp_path / "ro", source=writable) as read_only:
         result = run_yaml_inprocess(recipe, os.path.join(read_only, "out"))
-        assert_one_line_error(result, "cannot write to the output location", "Read-only file system",
-                              "writable disk")
+        assert_one_line_error(result, "cannot write to the output location", "Read-only file system", "writable disk")
     if existing:
         assert_is_previous_merge(writable / "out", previous_merge)
     assert sorted(os.listdir(writable)) == (["out"] if existing else [])
@@ -481,8 +530,10 @@ def test_fallback_swap_without_rename_exchange(fam, previous_merge, tmp_path, mo
     result = run_yaml_inprocess(recipe, target)
     assert result.exit_code == 0, result.output
     assert load_tensors(target).keys() == load_tensors(str(tmp_path / "fresh")).keys()
-    assert tree_digest(os.path.join(target, "model.safetensors")).popitem()[1] == \
-        tree_digest(str(tmp_path / "fresh" / "model.safetensors")).popitem()[1]
+    assert (
+        tree_digest(os.path.join(target, "model.safetensors")).popitem()[1]
+        == tree_digest(str(tmp_path / "fresh" / "model.safetensors")).popitem()[1]
+    )
     assert not leftovers(tmp_path)
 
 

@@ -31,8 +31,7 @@ def test_kernel_signature_names_exactly_the_table_and_the_planner_values():
     assert set(table.PLANNER_PARAMETERS) == set(_spec()) - set(recipe_names)
 
 
-@pytest.mark.parametrize("parameter", [p for p in table.PARAMETERS if p.kind != table.OPTION],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("parameter", [p for p in table.PARAMETERS if p.kind != table.OPTION], ids=lambda p: p.name)
 def test_kernel_default_scope_and_choices_match_the_table(parameter):
     spec = _spec()[parameter.name]
     assert spec.default == parameter.default
@@ -55,8 +54,19 @@ def test_readme_parameter_table_is_generated_from_the_table():
 def test_derived_views():
     assert table.ZONE_PARAMETERS == ("bottom_layers", "top_layers", "bottom_transition", "top_transition")
     assert table.SWEEPABLE == table.ZONE_PARAMETERS + ("weighting", "non_layer", "transition_shape")
-    assert table.DEFAULTS == {"bottom_layers": 5, "top_layers": 2, "bottom_transition": 0, "top_transition": 0,
-                              "weighting": "uniform", "non_layer": "average", "transition_shape": "flat",
-                              "blend_method": "average"}
-    assert table.SYMBOLS == {"bottom_layers": "b", "top_layers": "u", "bottom_transition": "t_b",
-                             "top_transition": "t_u"}
+    assert table.DEFAULTS == {
+        "bottom_layers": 5,
+        "top_layers": 2,
+        "bottom_transition": 0,
+        "top_transition": 0,
+        "weighting": "uniform",
+        "non_layer": "average",
+        "transition_shape": "flat",
+        "blend_method": "average",
+    }
+    assert table.SYMBOLS == {
+        "bottom_layers": "b",
+        "top_layers": "u",
+        "bottom_transition": "t_b",
+        "top_transition": "t_u",
+    }

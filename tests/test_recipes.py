@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mergekit.merge_methods.registry as registry
 import pytest
 import yaml
-
-import mergekit.merge_methods.registry as registry
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods.base import BasePolicy
 
-from mergekit_layerswap.core.layers import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares
 from mergekit_layerswap.adapter.planner import prepare
+from mergekit_layerswap.core.layers import BLEND, LANGUAGE, TASK, SwapZones, layer_table, role_shares
 from mergekit_layerswap.core.parameters import DEFAULTS, ZONE_PARAMETERS
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -205,6 +204,7 @@ def test_main_recipes_follow_the_papers_per_language_finding(lang):
 def test_language_rule_ordering():
     """Telugu swaps the most language layers, Japanese the fewest, Swahili and
     Bengali sit at the paper's default."""
+
     def math_layers(zones):
         return [s for _, s in layer_table(32, SwapZones(*zones))].count(TASK)
 
@@ -240,6 +240,7 @@ def test_magnitude_soup_blends_every_tensor_alike():
 
 def test_magnitude_soup_kernel_equals_linear_with_inverse_magnitude_weights():
     import torch
+
     from mergekit_layerswap.adapter.mixing import mix_roles
 
     task, lang = torch.randn(3, 4), torch.randn(3, 4)
@@ -276,10 +277,10 @@ def test_magnitude_soup_recipe_merges_like_linear_with_inverse_m(families, tmp_p
     to the small model's layer count) gives the same tensors as mergekit's own
     `linear` with weights 1/m_task and 1/m_lang."""
     import torch
-    from mergekit.common import ModelReference
-
     from checkpoints import load_tensors
     from helpers import run_yaml_inprocess, write_recipe
+    from mergekit.common import ModelReference
+
     from mergekit_layerswap.adapter.magnitude import magnitude
 
     family = families("llama")

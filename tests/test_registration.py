@@ -5,17 +5,20 @@ import shutil
 import subprocess
 import sys
 
-from helpers import write_recipe
 from expectations import check_swap
+from helpers import write_recipe
 
 
 def python(code, env=None):
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
 
 
 def test_interpreter_start_imports_neither_torch_nor_mergekit():
-    result = python("import sys; print(sorted(m for m in ('torch', 'mergekit', 'mergekit_layerswap') if m in sys.modules))")
+    result = python(
+        "import sys; print(sorted(m for m in ('torch', 'mergekit', 'mergekit_layerswap') if m in sys.modules))"
+    )
     assert result.returncode == 0 and result.stderr == ""
     assert result.stdout.strip() == "['mergekit_layerswap']"
 
@@ -35,8 +38,9 @@ def test_silent_when_mergekit_is_missing(tmp_path):
 
 
 def test_import_registers_idempotently():
-    import mergekit_layerswap
     from mergekit.merge_methods import registry
+
+    import mergekit_layerswap
     from mergekit_layerswap.adapter.registration import on_registry
 
     on_registry(registry)
@@ -54,10 +58,17 @@ def test_relative_paths_offline_and_identical_bytes_across_hash_seeds(families, 
     recipe = {
         "merge_method": "layer_swap",
         "base_model": "models/base",
-        "models": [{"model": "models/task", "parameters": {"role": "task"}},
-                   {"model": "models/lang", "parameters": {"role": "language"}}],
-        "parameters": {"bottom_layers": 2, "top_layers": 1, "bottom_transition": 1, "top_transition": 1,
-                       "weighting": "magnitude"},
+        "models": [
+            {"model": "models/task", "parameters": {"role": "task"}},
+            {"model": "models/lang", "parameters": {"role": "language"}},
+        ],
+        "parameters": {
+            "bottom_layers": 2,
+            "top_layers": 1,
+            "bottom_transition": 1,
+            "top_transition": 1,
+            "weighting": "magnitude",
+        },
         "dtype": "float32",
     }
     write_recipe(work / "recipe.yaml", recipe)
@@ -67,7 +78,11 @@ def test_relative_paths_offline_and_identical_bytes_across_hash_seeds(families, 
     for seed in ("1", "2"):
         result = subprocess.run(
             [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), "recipe.yaml", f"run{seed}/out"],
-            cwd=work, capture_output=True, text=True, env={**env, "PYTHONHASHSEED": seed})
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env={**env, "PYTHONHASHSEED": seed},
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         outputs.append(work / f"run{seed}" / "out")
     files = sorted(os.listdir(outputs[0]))

@@ -8,10 +8,10 @@ from typing import Optional
 
 import pytest
 import torch
-from click.testing import CliRunner
-
 from checkpoints import load_tensors
+from click.testing import CliRunner
 from helpers import run_yaml_inprocess, swap_recipe, write_recipe
+
 from mergekit_layerswap.tools.evaluate import Evaluator
 
 GRID = {"bottom_layers": [1, 2], "top_layers": [0, 1], "bottom_transition": [0, 1]}
@@ -64,7 +64,8 @@ def test_every_point_once_with_baselines_and_deterministic(setup, tmp_path):
     assert len(calls) == 8 + 3 and len(set(names)) == len(names) == 11
     assert {"task-expert", "language-expert", "soup"} <= set(names)
     assert {(r["bottom_layers"], r["top_layers"], r["bottom_transition"]) for r in rows if r["kind"] == "swap"} == {
-        (str(b), str(u), str(t)) for b in (1, 2) for u in (0, 1) for t in (0, 1)}
+        (str(b), str(u), str(t)) for b in (1, 2) for u in (0, 1) for t in (0, 1)
+    }
     _run(recipe, tmp_path / "b", text)
     assert (tmp_path / "a" / "results.csv").read_text() == (tmp_path / "b" / "results.csv").read_text()
     assert (tmp_path / "a" / "scores.png").exists()
@@ -107,8 +108,9 @@ def test_best_recipe_reproduces_the_best_candidate_bit_exactly(setup, tmp_path):
     result = run_yaml_inprocess(tmp_path / "sweep" / "best.yaml", tmp_path / "merged")
     assert result.exit_code == 0, result.output
     merged = load_tensors(str(tmp_path / "merged"))
-    digests = {n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-               for n, t in merged.items()}
+    digests = {
+        n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest() for n, t in merged.items()
+    }
     assert digests == best["tensors"]
 
 
@@ -140,32 +142,41 @@ def test_exact_match_scores_known_answers(families, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(fam.task, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(fam.task)
     # the random model's own greedy continuation decides which answer is "right"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "w3 w5"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "w3 w5"}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     generated = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    text = tokenizer.decode(generated[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tokenizer.decode(generated[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     numbers = [int(x) for x in "".join(c if c.isdigit() else " " for c in text).split()]
     assert numbers, text
     problems = tmp_path / "p.jsonl"
-    problems.write_text(json.dumps({"question": "w3 w5", "answer": str(numbers[-1])}) + "\n"
-                        + json.dumps({"question": "w3 w5", "answer": str(numbers[-1] + 1)}) + "\n")
+    problems.write_text(
+        json.dumps({"question": "w3 w5", "answer": str(numbers[-1])})
+        + "\n"
+        + json.dumps({"question": "w3 w5", "answer": str(numbers[-1] + 1)})
+        + "\n"
+    )
     score = exact_match(model, tokenizer, str(problems), max_new_tokens=8)
     assert score.count == 2 and score.value == 0.5 and score.higher_is_better
 
 
-@pytest.mark.parametrize("args,word", [
-    (["--grid", "bottom_layer=1,2"], "cannot be swept"),
-    (["--grid", "bottom_layers=a"], "whole numbers"),
-    (["--grid", "weighting=inverse"], "one of"),
-    (["--grid", "bottom_layers"], "NAME=V1,V2"),
-])
+@pytest.mark.parametrize(
+    "args,word",
+    [
+        (["--grid", "bottom_layer=1,2"], "cannot be swept"),
+        (["--grid", "bottom_layers=a"], "whole numbers"),
+        (["--grid", "weighting=inverse"], "one of"),
+        (["--grid", "bottom_layers"], "NAME=V1,V2"),
+    ],
+)
 def test_bad_grid(setup, tmp_path, args, word):
     from mergekit_layerswap.cli.main import main
 
     fam, recipe, text = setup
-    result = CliRunner().invoke(main, ["sweep", recipe, *args, "--eval", f"perplexity:{text}", "--out",
-                                       str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["sweep", recipe, *args, "--eval", f"perplexity:{text}", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code != 0 and word in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
 
@@ -175,13 +186,29 @@ def test_bad_eval_and_reused_out_dir(setup, tmp_path):
 
     fam, recipe, text = setup
     runner = CliRunner()
-    result = runner.invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1", "--eval", "accuracy:x",
-                                  "--out", str(tmp_path / "out")])
+    result = runner.invoke(
+        main, ["sweep", recipe, "--grid", "bottom_layers=1", "--eval", "accuracy:x", "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code != 0 and "exact-match:FILE.jsonl" in result.output
-    ok = runner.invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1", "--eval", f"perplexity:{text}",
-                              "--out", str(tmp_path / "out"), "--quiet", "--no-baselines"])
+    ok = runner.invoke(
+        main,
+        [
+            "sweep",
+            recipe,
+            "--grid",
+            "bottom_layers=1",
+            "--eval",
+            f"perplexity:{text}",
+            "--out",
+            str(tmp_path / "out"),
+            "--quiet",
+            "--no-baselines",
+        ],
+    )
     assert ok.exit_code == 0, ok.output
-    other = runner.invoke(main, ["sweep", recipe, "--grid", "bottom_layers=2", "--eval", f"perplexity:{text}",
-                                 "--out", str(tmp_path / "out")])
+    other = runner.invoke(
+        main,
+        ["sweep", recipe, "--grid", "bottom_layers=2", "--eval", f"perplexity:{text}", "--out", str(tmp_path / "out")],
+    )
     assert other.exit_code != 0 and "different sweep (the grid changed; --baselines changed)" in other.output
     assert "--restart" in other.output and len(other.output.strip().splitlines()) == 1

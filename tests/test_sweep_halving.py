@@ -7,7 +7,6 @@ from collections import Counter
 from typing import Optional
 
 import pytest
-
 from helpers import swap_recipe, write_recipe
 
 GRID = {"bottom_layers": [1, 2, 3], "top_layers": [0, 1, 2]}  # 9 candidates on 8 layers
@@ -81,8 +80,10 @@ def test_exact_counts_per_rung_and_the_full_set_best_survives(setup, tmp_path):
 
     fam, recipe = setup
     # the full grid on every item, and on each slice the halving will use
-    grid = {limit: _sweep(recipe, tmp_path / f"grid-{limit}", LayerDistance(fam.lang, limit=limit))
-            for limit in (None, 8, 24)}
+    grid = {
+        limit: _sweep(recipe, tmp_path / f"grid-{limit}", LayerDistance(fam.lang, limit=limit))
+        for limit in (None, 8, 24)
+    }
     items = int(grid[None]["best"]["count"])
     assert items == 8 * 9  # 9 tensors in each of 8 llama layers
     full_best = grid[None]["best"]["name"]
@@ -95,11 +96,17 @@ def test_exact_counts_per_rung_and_the_full_set_best_survives(setup, tmp_path):
     # 9 candidates on 8 items, the best 3 on 24, the best 1 on all 72
     assert Counter(evaluator.calls) == {8: 9, 24: 3, None: 1}
     assert [(r["rung"], r["limit"], r["candidates"], r["items"]) for r in summary["summary"]["rungs"]] == [
-        (0, 8, 9, 72), (1, 24, 3, 72), (2, None, 1, 72)]
+        (0, 8, 9, 72),
+        (1, 24, 3, 72),
+        (2, None, 1, 72),
+    ]
     assert summary["summary"]["items_spent"] == 216 and summary["summary"]["items_full_grid"] == 9 * 72
     rows = _rows(tmp_path / "halving")
     assert Counter((r["rung"], r["limit"], r["count"]) for r in rows) == {
-        ("0", "8", "8"): 9, ("1", "24", "24"): 3, ("2", "", "72"): 1}
+        ("0", "8", "8"): 9,
+        ("1", "24", "24"): 3,
+        ("2", "", "72"): 1,
+    }
     assert summary["best"]["name"] == full_best
     stopped = summary["summary"]["stopped_at_rung"]
     assert stopped[full_best] == 2 and sorted(stopped.values()) == [0] * 6 + [1, 1, 2]
@@ -125,13 +132,16 @@ def test_interrupted_halving_resumes_with_the_same_schedule(setup, tmp_path):
     assert sorted(map(str, _rows(tmp_path / "resumed"))) == sorted(map(str, _rows(tmp_path / "whole")))
 
 
-@pytest.mark.parametrize("candidates,minimum,eta,problems,limit,expected", [
-    (8, 1, 2, 20, None, [(1, 8), (2, 4), (4, 2), (None, 1)]),
-    (27, 10, 3, 50, None, [(10, 27), (30, 9), (None, 3)]),  # 90 would exceed the 50 problems
-    (27, 10, 3, None, 25, [(10, 27), (25, 9)]),  # --limit is the full set
-    (5, 40, 3, 30, None, [(None, 5)]),  # a first slice as big as the set: the grid
-    (1, 2, 3, None, None, [(None, 1)]),
-])
+@pytest.mark.parametrize(
+    "candidates,minimum,eta,problems,limit,expected",
+    [
+        (8, 1, 2, 20, None, [(1, 8), (2, 4), (4, 2), (None, 1)]),
+        (27, 10, 3, 50, None, [(10, 27), (30, 9), (None, 3)]),  # 90 would exceed the 50 problems
+        (27, 10, 3, None, 25, [(10, 27), (25, 9)]),  # --limit is the full set
+        (5, 40, 3, 30, None, [(None, 5)]),  # a first slice as big as the set: the grid
+        (1, 2, 3, None, None, [(None, 1)]),
+    ],
+)
 def test_schedule(candidates, minimum, eta, problems, limit, expected):
     from mergekit_layerswap.tools.sweep import Halving
 
@@ -153,16 +163,35 @@ def test_halving_through_the_command_slices_bounded_by_the_text(setup, tmp_path)
     text.write_text(" ".join(f"w{(7 * i) % 90 + 1}" for i in range(1300)))
     tokens = len(AutoTokenizer.from_pretrained(fam.lang)(text.read_text(), add_special_tokens=False)["input_ids"])
     assert 2 * 512 < tokens - 1 <= 3 * 512  # three 512-token windows
-    result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1,2,3,4", "--eval",
-                                       f"perplexity:{text}", "--out", str(tmp_path / "out"), "--no-baselines",
-                                       "--quiet", "--strategy", "halving", "--halving-min", "2",
-                                       "--halving-eta", "2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            recipe,
+            "--grid",
+            "bottom_layers=1,2,3,4",
+            "--eval",
+            f"perplexity:{text}",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-baselines",
+            "--quiet",
+            "--strategy",
+            "halving",
+            "--halving-min",
+            "2",
+            "--halving-eta",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     # 4 candidates on 2 windows, then the best 2 on all 3 (a slice of 4 would exceed them);
     # items are the tokens scored
     assert [(r["limit"], r["candidates"], r["items"]) for r in summary["rungs"]] == [
-        (2, 4, 4 * 1023), (None, 2, 2 * (tokens - 1))]
+        (2, 4, 4 * 1023),
+        (None, 2, 2 * (tokens - 1)),
+    ]
     spent = 4 * 1023 + 2 * (tokens - 1)
     assert summary["items_spent"] == spent and summary["items_full_grid"] == 4 * (tokens - 1)
     assert f"{spent} item evaluations" in result.output

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
-
 from helpers import swap_recipe, write_recipe
+
 from mergekit_layerswap.tools.evaluate import Evaluator
 
 GRID = ["--grid", "bottom_layers=1,2", "--grid", "top_layers=0,1"]
@@ -62,11 +62,19 @@ def test_ray_sweep_gives_the_serial_scores_and_resumes_a_serial_sweep(families, 
 
     # a serial sweep stopped after 2 of its 7 candidates, then finished on Ray
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(recipe, {"bottom_layers": [1, 2], "top_layers": [0, 1]}, str(tmp_path / "ray"),
-                  InterruptingEvaluator(f"perplexity:{text}", stop_after=2), quiet=True, echo=lambda s: None)
+        run_sweep(
+            recipe,
+            {"bottom_layers": [1, 2], "top_layers": [0, 1]},
+            str(tmp_path / "ray"),
+            InterruptingEvaluator(f"perplexity:{text}", stop_after=2),
+            quiet=True,
+            echo=lambda s: None,
+        )
     assert len(_rows(tmp_path / "ray")) == 2
-    ray_run = runner.invoke(main, ["sweep", *common, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2",
-                                   "--ray-cpus-per-worker", "1"])
+    ray_run = runner.invoke(
+        main,
+        ["sweep", *common, "--out", str(tmp_path / "ray"), "--ray", "--ray-workers", "2", "--ray-cpus-per-worker", "1"],
+    )
     assert ray_run.exit_code == 0, ray_run.output
     assert "Ray: 2 workers (1 CPUs each)" in ray_run.output and "resuming: 2 evaluations" in ray_run.output
 
@@ -88,8 +96,20 @@ def test_ray_missing_says_how_to_install_it(families, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam))
     text = tmp_path / "text.txt"
     text.write_text("w1 w2 w3")
-    result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1", "--eval", f"perplexity:{text}",
-                                       "--out", str(tmp_path / "out"), "--ray"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            recipe,
+            "--grid",
+            "bottom_layers=1",
+            "--eval",
+            f"perplexity:{text}",
+            "--out",
+            str(tmp_path / "out"),
+            "--ray",
+        ],
+    )
     lines = result.output.strip().splitlines()
     assert result.exit_code != 0 and len(lines) == 1 and "Traceback" not in result.output
     assert lines[0].startswith("Error:") and "pip install 'mergekit-layerswap[ray]'" in lines[0]

@@ -11,9 +11,8 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file, save_file
-
 from helpers import swap_recipe, write_recipe
+from safetensors.torch import load_file, save_file
 
 BASE = ["--grid", "bottom_layers=1", "--no-baselines", "--quiet"]
 
@@ -33,17 +32,23 @@ class Workspace:
     def sweep(self, *args):
         from mergekit_layerswap.cli.main import main
 
-        return CliRunner().invoke(main, ["sweep", self.recipe, "--eval", f"perplexity:{self.text}",
-                                         "--out", str(self.out), *args])
+        return CliRunner().invoke(
+            main, ["sweep", self.recipe, "--eval", f"perplexity:{self.text}", "--out", str(self.out), *args]
+        )
 
     def digests(self):
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(self.out.iterdir())}
 
 
 def swap_recipe_for(task, lang, **parameters):
-    recipe = {"merge_method": "layer_swap", "dtype": "float32",
-              "models": [{"model": str(task), "parameters": {"role": "task"}},
-                         {"model": str(lang), "parameters": {"role": "language"}}]}
+    recipe = {
+        "merge_method": "layer_swap",
+        "dtype": "float32",
+        "models": [
+            {"model": str(task), "parameters": {"role": "task"}},
+            {"model": str(lang), "parameters": {"role": "language"}},
+        ],
+    }
     if parameters:
         recipe["parameters"] = parameters
     return recipe
@@ -79,8 +84,9 @@ def edit_eval_text(ws):
 
 
 def old_format(ws):
-    (ws.out / "sweep.json").write_text(json.dumps({"recipe": ws.recipe, "grid": {"bottom_layers": [1]},
-                                                   "eval": f"perplexity:{ws.text}"}))
+    (ws.out / "sweep.json").write_text(
+        json.dumps({"recipe": ws.recipe, "grid": {"bottom_layers": [1]}, "eval": f"perplexity:{ws.text}"})
+    )
 
 
 def drop_record(ws):
@@ -99,8 +105,13 @@ RESUMES = [
     ("eval-file", [], edit_eval_text, [], "the eval file's contents changed"),
     ("limit", [], nothing, ["--limit", "1"], "--limit changed"),
     ("strategy", [], nothing, ["--strategy", "halving", "--halving-min", "1"], "the strategy or its rung schedule"),
-    ("halving-eta", ["--strategy", "halving", "--halving-min", "1"], nothing,
-     ["--strategy", "halving", "--halving-min", "1", "--halving-eta", "2"], "the strategy or its rung schedule"),
+    (
+        "halving-eta",
+        ["--strategy", "halving", "--halving-min", "1"],
+        nothing,
+        ["--strategy", "halving", "--halving-min", "1", "--halving-eta", "2"],
+        "the strategy or its rung schedule",
+    ),
     ("baselines", [], nothing, ["--baselines"], "--baselines changed"),
     ("grid", [], nothing, ["--grid", "bottom_layers=2"], "the grid changed"),
     ("old-format", [], old_format, [], "older or unknown sweep format"),
@@ -149,8 +160,12 @@ def test_record_names_every_input(families, tmp_path):
     assert record["recipe"] == open(ws.recipe).read()
     task_files = record["models"][str(ws.task)]["files"]
     stat = os.stat(os.path.join(ws.task, "model.safetensors"))
-    assert task_files["model.safetensors"] == {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                                               "inode": stat.st_ino, "ctime_ns": stat.st_ctime_ns}
+    assert task_files["model.safetensors"] == {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "ctime_ns": stat.st_ctime_ns,
+    }
     assert "config.json" in task_files
     assert record["evaluator"]["spec"] == f"perplexity:{ws.text}" and record["limit"] == 3
     assert record["strategy"] == {"name": "grid", "rungs": [[3, 1]]}
@@ -162,7 +177,7 @@ BAD_EVAL = [
     ("empty", "p.jsonl", b"", "has no problems"),
     ("blank-lines", "p.jsonl", b"\n  \n\n", "has no problems"),
     ("broken-json", "p.jsonl", b'{"question": "a", "answer": "1"}\n{"question": \n', "line 2 is not valid JSON"),
-    ("not-an-object", "p.jsonl", b'[1, 2]\n', "line 1 is not a JSON object"),
+    ("not-an-object", "p.jsonl", b"[1, 2]\n", "line 1 is not a JSON object"),
     ("missing-answer", "p.jsonl", b'{"question": "a"}\n', "line 1 needs 'question' and 'answer'"),
     ("empty-text", "t.txt", b" \n\n", "has no text to score"),
     ("not-utf8", "t.txt", b"\xff\xfe\xfa", "cannot read"),
@@ -170,8 +185,9 @@ BAD_EVAL = [
 
 
 @pytest.mark.parametrize("case,name,contents,words", BAD_EVAL, ids=[c[0] for c in BAD_EVAL])
-def test_eval_file_without_usable_problems_is_refused_before_anything_is_built(families, tmp_path, case, name,
-                                                                                contents, words):
+def test_eval_file_without_usable_problems_is_refused_before_anything_is_built(
+    families, tmp_path, case, name, contents, words
+):
     from mergekit_layerswap.cli.main import main
 
     fam = families("llama")
@@ -179,8 +195,9 @@ def test_eval_file_without_usable_problems_is_refused_before_anything_is_built(f
     path = tmp_path / name
     path.write_bytes(contents)
     kind = "exact-match" if name.endswith(".jsonl") else "perplexity"
-    result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1", "--eval", f"{kind}:{path}",
-                                       "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        main, ["sweep", recipe, "--grid", "bottom_layers=1", "--eval", f"{kind}:{path}", "--out", str(tmp_path / "out")]
+    )
     lines = result.output.strip().splitlines()
     assert result.exit_code != 0 and len(lines) == 1 and lines[0].startswith("Error:"), result.output
     assert words in lines[0] and str(path) in lines[0] and "Traceback" not in result.output
@@ -208,8 +225,21 @@ def test_nan_score_is_a_failure_never_the_best(families, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(" ".join(f"w{(7 * i) % 90 + 1}" for i in range(40)))
     # b2: layer 3 from the NaN task expert (first, so "first seen wins" would pick it); b4: from the language expert
-    result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=2,4", "--eval", f"perplexity:{text}",
-                                       "--out", str(tmp_path / "out"), "--no-baselines", "--quiet"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            recipe,
+            "--grid",
+            "bottom_layers=2,4",
+            "--eval",
+            f"perplexity:{text}",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-baselines",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with open(tmp_path / "out" / "results.csv", newline="") as handle:
         rows = {r["name"]: r for r in csv.DictReader(handle)}
@@ -228,9 +258,25 @@ def test_all_scores_non_finite_gives_no_best(families, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe_for(task, lang))
     text = tmp_path / "text.txt"
     text.write_text("w1 w2 w3 w4 w5 w6")
-    result = CliRunner().invoke(main, ["sweep", recipe, "--grid", "bottom_layers=1,2", "--eval", f"perplexity:{text}",
-                                       "--out", str(tmp_path / "out"), "--no-baselines", "--quiet",
-                                       "--strategy", "halving", "--halving-min", "1"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "sweep",
+            recipe,
+            "--grid",
+            "bottom_layers=1,2",
+            "--eval",
+            f"perplexity:{text}",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-baselines",
+            "--quiet",
+            "--strategy",
+            "halving",
+            "--halving-min",
+            "1",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "no candidate got a finite score" in result.output
     assert not (tmp_path / "out" / "best.yaml").exists()

@@ -13,8 +13,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from checkpoints import Arch, load_tensors
 from helpers import (
     Family,
@@ -24,6 +22,7 @@ from helpers import (
     swap_recipe,
     write_recipe,
 )
+from safetensors.torch import load_file, save_file
 
 NAN, INF = float("nan"), float("inf")
 
@@ -81,8 +80,7 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("bad_model,tensor,value,extra", REFUSED, ids=[c[1] + str(c[2]) for c in REFUSED])
-def test_non_finite_value_in_an_average_is_refused_in_one_line(families, tmp_path, bad_model, tensor, value,
-                                                               extra):
+def test_non_finite_value_in_an_average_is_refused_in_one_line(families, tmp_path, bad_model, tensor, value, extra):
     fam = copy_family(families("llama"), tmp_path / "models")
     edit_weights(getattr(fam, bad_model), poke(tensor, 5, value))
     before = tree_digest(fam.root)
@@ -100,9 +98,11 @@ def test_role_soup_with_a_non_finite_value_is_refused(families, tmp_path):
     fam = copy_family(families("llama"), tmp_path / "models")
     second = shutil.copytree(fam.task, str(tmp_path / "models" / "task2"))
     edit_weights(second, poke("model.layers.4.mlp.down_proj.weight", 0, NAN))
-    models = [{"model": fam.task, "parameters": {"role": "task"}},
-              {"model": second, "parameters": {"role": "task"}},
-              {"model": fam.lang, "parameters": {"role": "language"}}]
+    models = [
+        {"model": fam.task, "parameters": {"role": "task"}},
+        {"model": second, "parameters": {"role": "task"}},
+        {"model": fam.lang, "parameters": {"role": "language"}},
+    ]
     recipe = write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, models=models, **ZONES))
     result = run_yaml_inprocess(recipe, tmp_path / "out")
     assert_one_line_error(result, second, "model.layers.4.mlp.down_proj.weight", "non-finite")
@@ -117,10 +117,13 @@ def test_non_finite_value_in_a_copied_tensor_passes_through(families, tmp_path):
     result = run_yaml_inprocess(recipe, tmp_path / "out")
     assert result.exit_code == 0, result.output
     out, lang, task = load_tensors(tmp_path / "out"), load_tensors(fam.lang), load_tensors(fam.task)
-    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"], lang["model.layers.0.mlp.up_proj.weight"]
-                       ) is False  # NaN != NaN: compare bit patterns instead
-    assert torch.equal(out["model.layers.0.mlp.up_proj.weight"].view(torch.int32),
-                       lang["model.layers.0.mlp.up_proj.weight"].view(torch.int32))
+    assert (
+        torch.equal(out["model.layers.0.mlp.up_proj.weight"], lang["model.layers.0.mlp.up_proj.weight"]) is False
+    )  # NaN != NaN: compare bit patterns instead
+    assert torch.equal(
+        out["model.layers.0.mlp.up_proj.weight"].view(torch.int32),
+        lang["model.layers.0.mlp.up_proj.weight"].view(torch.int32),
+    )
     assert torch.equal(out["model.layers.4.mlp.up_proj.weight"], task["model.layers.4.mlp.up_proj.weight"])
 
 
@@ -152,17 +155,22 @@ NEOX_POSITIONS = 16
 def _neox_config():
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=NEOX_LAYERS,
-                         num_attention_heads=4, vocab_size=96, max_position_embeddings=NEOX_POSITIONS,
-                         tie_word_embeddings=False)
+    return GPTNeoXConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=NEOX_LAYERS,
+        num_attention_heads=4,
+        vocab_size=96,
+        max_position_embeddings=NEOX_POSITIONS,
+        tie_word_embeddings=False,
+    )
 
 
 NEOX = Arch("gpt_neox", _neox_config, "gpt_neox.layers.{}.", NEOX_LAYERS)
 
 
 def _mask(dtype):
-    return torch.tril(torch.ones(NEOX_POSITIONS, NEOX_POSITIONS)).to(dtype).view(1, 1, NEOX_POSITIONS,
-                                                                                   NEOX_POSITIONS)
+    return torch.tril(torch.ones(NEOX_POSITIONS, NEOX_POSITIONS)).to(dtype).view(1, 1, NEOX_POSITIONS, NEOX_POSITIONS)
 
 
 def _add_buffers(dtype):
@@ -221,8 +229,9 @@ def test_integer_tensor_that_differs_outside_the_blend_is_taken_from_the_chosen_
     fam = neox_copy(neox_family, tmp_path / "models", torch.int32)
     edit_weights(fam.lang, poke("gpt_neox.layers.0.attention.bias", 1, 7))  # layer 0: language
     edit_weights(fam.task, poke("gpt_neox.layers.3.attention.bias", 2, 9))  # layer 3: task
-    result = run_yaml_inprocess(write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, **NEOX_ZONES)),
-                                tmp_path / "out")
+    result = run_yaml_inprocess(
+        write_recipe(tmp_path / "recipe.yaml", swap_recipe(fam, **NEOX_ZONES)), tmp_path / "out"
+    )
     assert result.exit_code == 0, result.output
     out, lang, task = load_tensors(tmp_path / "out"), load_tensors(fam.lang), load_tensors(fam.task)
     assert torch.equal(out["gpt_neox.layers.0.attention.bias"], lang["gpt_neox.layers.0.attention.bias"])
@@ -258,8 +267,11 @@ def test_merge_state_dicts_places_layers_from_mergekit_architectures(families, a
     fam = families(arch)
     n = fam.arch.num_layers
     sources = "LL" + "B" + "T" * (n - 5) + "B" + "L"
-    merged = merge_state_dicts({"task": load_tensors(fam.task), "lang": load_tensors(fam.lang)}, "layer_swap",
-                               parameters={"role": ROLES, **ZONES})
+    merged = merge_state_dicts(
+        {"task": load_tensors(fam.task), "lang": load_tensors(fam.lang)},
+        "layer_swap",
+        parameters={"role": ROLES, **ZONES},
+    )
     assert_matches(merged, api_expected(fam, sources))
 
 
@@ -271,9 +283,15 @@ def test_merge_state_dicts_with_explicit_positions(families):
     task, lang = load_tensors(fam.task), load_tensors(fam.lang)
     positions = [fam.arch.layer_of(name) for name in task]
     merged = merge_state_dicts(
-        {"task": task, "lang": lang}, "layer_swap",
-        parameters={"role": ROLES, **ZONES, "num_layers": 8,
-                    "layer_index": PerGroupValues(["non_layer" if p is None else p for p in positions])})
+        {"task": task, "lang": lang},
+        "layer_swap",
+        parameters={
+            "role": ROLES,
+            **ZONES,
+            "num_layers": 8,
+            "layer_index": PerGroupValues(["non_layer" if p is None else p for p in positions]),
+        },
+    )
     assert_matches(merged, api_expected(fam, SOURCES))
 
 
@@ -304,8 +322,12 @@ def test_merge_tensors_alone_cannot_know_the_layer_count():
     from mergekit_layerswap.core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="cannot place tensor"):
-        merge_tensors([torch.ones(2), torch.zeros(2)], "layer_swap", parameters={"role": ["task", "language"]},
-                      name="model.layers.0.mlp.up_proj.weight")
+        merge_tensors(
+            [torch.ones(2), torch.zeros(2)],
+            "layer_swap",
+            parameters={"role": ["task", "language"]},
+            name="model.layers.0.mlp.up_proj.weight",
+        )
 
 
 def test_kernel_without_the_planner_never_guesses_non_layer(tmp_path):
@@ -320,8 +342,9 @@ def test_kernel_without_the_planner_never_guesses_non_layer(tmp_path):
         path = tmp_path / f"{i}.safetensors"
         save_file({"model.layers.0.mlp.up_proj.weight": torch.full((2,), float(i))}, str(path))
         paths.append((str(path), role))
-    config = RawPyTorchMergeConfig(merge_method="layer_swap",
-                                   models=[{"model": p, "parameters": {"role": r}} for p, r in paths])
+    config = RawPyTorchMergeConfig(
+        merge_method="layer_swap", models=[{"model": p, "parameters": {"role": r}} for p, r in paths]
+    )
     tasks = plan_flat_merge(config, str(tmp_path / "out"), False, False, MergeOptions())
     task = next(t.tensor_task for t in tasks if hasattr(t, "tensor_task"))
     with pytest.raises(RecipeError, match="does not know whether tensor model.layers.0.mlp.up_proj.weight"):
@@ -335,10 +358,16 @@ def test_strided_weights_are_merged_without_mutation(families):
 
     fam = families("llama")
     contiguous = {"task": load_tensors(fam.task), "lang": load_tensors(fam.lang)}
-    strided = {key: {name: t.T.contiguous().T if t.dim() == 2 else t[::1] for name, t in sd.items()}
-               for key, sd in contiguous.items()}
-    assert not any(t.is_contiguous() for sd in strided.values() for t in sd.values() if t.dim() == 2
-                   and t.shape[0] > 1 and t.shape[1] > 1)
+    strided = {
+        key: {name: t.T.contiguous().T if t.dim() == 2 else t[::1] for name, t in sd.items()}
+        for key, sd in contiguous.items()
+    }
+    assert not any(
+        t.is_contiguous()
+        for sd in strided.values()
+        for t in sd.values()
+        if t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1
+    )
     copies = {key: {name: t.clone() for name, t in sd.items()} for key, sd in strided.items()}
     parameters = {"role": ROLES, "weight": {"task": 1.0, "lang": 1.0}, **ZONES}
     expected = merge_state_dicts(contiguous, "layer_swap", parameters=parameters)
@@ -369,8 +398,13 @@ def test_kernel_copies_integers_and_refuses_blending_unequal_ones():
     from mergekit_layerswap.core.errors import RecipeError
 
     task, lang = torch.tensor([1, 2, 3], dtype=torch.int32), torch.tensor([1, 2, 4], dtype=torch.int32)
-    common = {"role": ["task", "language"], "num_layers": 4, "bottom_layers": 1, "top_layers": 1,
-              "bottom_transition": 1}  # sources L B T L
+    common = {
+        "role": ["task", "language"],
+        "num_layers": 4,
+        "bottom_layers": 1,
+        "top_layers": 1,
+        "bottom_transition": 1,
+    }  # sources L B T L
     picked = merge_tensors([task, lang], "layer_swap", parameters={**common, "layer_index": 0}, name="x")
     assert picked.dtype == torch.int32 and torch.equal(picked, lang)
     with pytest.raises(RecipeError, match="integer tensor x differs"):
@@ -387,8 +421,8 @@ def test_suggest_names_the_non_finite_tensor(families, tmp_path):
 
     fam = copy_family(families("llama"), tmp_path / "models")
     edit_weights(fam.task, poke("model.layers.5.mlp.gate_proj.weight", 3, NAN))
-    result = CliRunner().invoke(main, ["suggest", "--base", fam.base, "--task", fam.task, "--language", fam.lang,
-                                       "--quiet"])
-    message = assert_one_line_error(result, f"expert {fam.task}", "model.layers.5.mlp.gate_proj.weight",
-                                    "non-finite")
+    result = CliRunner().invoke(
+        main, ["suggest", "--base", fam.base, "--task", fam.task, "--language", fam.lang, "--quiet"]
+    )
+    message = assert_one_line_error(result, f"expert {fam.task}", "model.layers.5.mlp.gate_proj.weight", "non-finite")
     assert "do not differ" not in message

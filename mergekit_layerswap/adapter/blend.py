@@ -23,7 +23,6 @@ from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.parameters import BLEND_PREFIX
 from mergekit_layerswap.core.recipe import is_scalar
 
-
 # mergekit methods that are elementwise over tensor positions (no norms, top-k, random masks)
 ELEMENTWISE_METHODS = frozenset({"linear", "task_arithmetic"})
 
@@ -63,7 +62,7 @@ def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[Tuple[
     accepted = {p.name: p for p in method.spec.parameters if p.name != "weight"}
     options = []
     for key, value in settings.items():
-        inner = key[len(BLEND_PREFIX):]
+        inner = key[len(BLEND_PREFIX) :]
         if inner not in accepted:
             raise RecipeError(
                 f"parameters.{key}: {name} has no parameter {inner!r} (its parameters: "
@@ -78,8 +77,14 @@ def check_blend(name: str, settings: Dict[str, Any], base) -> Tuple[Tuple[Tuple[
     return tuple(sorted(options)), contract.base in (BasePolicy.REQUIRED, BasePolicy.OPTIONAL)
 
 
-def blend_roles(members: Members, shares: Dict[str, float], method_name: str, options: Dict[str, Any],
-                base: Optional[torch.Tensor], metadata) -> torch.Tensor:
+def blend_roles(
+    members: Members,
+    shares: Dict[str, float],
+    method_name: str,
+    options: Dict[str, Any],
+    base: Optional[torch.Tensor],
+    metadata,
+) -> torch.Tensor:
     """Like ``mix_roles``, but two role soups are combined by another registered mergekit
     method (``blend_method``), which sees each soup with weight ``s_r * W_r``."""
     from mergekit.merge_methods.base import BasePolicy
@@ -100,8 +105,16 @@ def blend_roles(members: Members, shares: Dict[str, float], method_name: str, op
     return out
 
 
-def _blend_block(members: Members, shares: Dict[str, float], active, method, options: Dict[str, Any],
-                 base: Optional[torch.Tensor], metadata, rows) -> torch.Tensor:
+def _blend_block(
+    members: Members,
+    shares: Dict[str, float],
+    active,
+    method,
+    options: Dict[str, Any],
+    base: Optional[torch.Tensor],
+    metadata,
+    rows,
+) -> torch.Tensor:
     """The method's result for rows ``rows`` of the tensor, in float32 or wider."""
     from mergekit.merge_methods.base import TensorEntry, TensorGroup
 

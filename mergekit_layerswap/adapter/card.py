@@ -6,9 +6,9 @@ from typing import List, Optional, Tuple
 
 import yaml
 
-from mergekit_layerswap.core.layers import BLEND, LANGUAGE, layer_table, transition_depth
 from mergekit_layerswap.core import PAPER_URL
 from mergekit_layerswap.core.files import looks_like_hub_id
+from mergekit_layerswap.core.layers import BLEND, LANGUAGE, layer_table, transition_depth
 
 CARD = """---
 {metadata}
@@ -91,10 +91,7 @@ def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
         )
     else:
         reference = "Weighting: uniform (each expert's `weight`)."
-    layers = [
-        f"| {lo}{f'-{hi}' if hi != lo else ''} | {label} |"
-        for lo, hi, label in _ranges(layer_labels(run))
-    ]
+    layers = [f"| {lo}{f'-{hi}' if hi != lo else ''} | {label} |" for lo, hi, label in _ranges(layer_labels(run))]
     non_layer = {
         "average": "weighted average of both experts",
         LANGUAGE: "taken from the language expert",

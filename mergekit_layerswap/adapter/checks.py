@@ -7,9 +7,7 @@ definitions (``mergekit/_data/architectures/*.json``), never from tensor names.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -140,11 +138,7 @@ def _safetensors_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     from mergekit_layerswap.adapter.weight_files import read_safetensors_header
 
     header = read_safetensors_header(path)
-    return {
-        name: (tuple(entry["shape"]), entry["dtype"])
-        for name, entry in header.items()
-        if name != "__metadata__"
-    }
+    return {name: (tuple(entry["shape"]), entry["dtype"]) for name, entry in header.items() if name != "__metadata__"}
 
 
 def _pickle_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
@@ -182,8 +176,9 @@ def find_stored(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str
     return next((n for n in names if n in stored), None)
 
 
-def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bool,
-                  dtype_configured: bool = True) -> None:
+def check_tensors(
+    recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bool, dtype_configured: bool = True
+) -> None:
     """Every tensor the output needs exists in every expert with matching shapes (and,
     without ``dtype:``, the same floating dtypes)."""
     experts = recipe.models
@@ -191,13 +186,14 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
     if not dtype_configured:
         _check_same_floating_dtypes(experts, stored)
     vocab_hint = (
-        "add `tokenizer: {source: base}` (or `source: union`) so mergekit aligns the "
-        "vocabularies before the swap"
+        "add `tokenizer: {source: base}` (or `source: union`) so mergekit aligns the vocabularies before the swap"
     )
     module = info.module(experts[0])
-    weights = module.pre_weights() + [
-        w for layer in range(info.num_layers) for w in module.layer_weights(layer)
-    ] + module.post_weights()
+    weights = (
+        module.pre_weights()
+        + [w for layer in range(info.num_layers) for w in module.layer_weights(layer)]
+        + module.post_weights()
+    )
     for weight in weights:
         own = {m: find_stored(weight, stored[m], with_tied=False) for m in experts}
         if weight.optional:
@@ -235,8 +231,7 @@ def check_tensors(recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bo
                     continue
                 raise RecipeError(f"vocabulary sizes differ for {weight.name} ({listing}); {vocab_hint}")
             raise RecipeError(
-                f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes "
-                f"of one base model"
+                f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes of one base model"
             )
 
 

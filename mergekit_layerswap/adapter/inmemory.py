@@ -113,7 +113,7 @@ def _architectures() -> Iterable[Tuple[str, object]]:
     from mergekit.architecture.json_definitions import JSON_ARCHITECTURES
 
     for arch in JSON_ARCHITECTURES:
-        for module_name, module_def in arch.modules.items():
+        for module_def in arch.modules.values():
             yield f"{arch.architectures[0]}", module_def
 
 

@@ -18,9 +18,6 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple, Union
 
 import torch
-from pydantic import NonNegativeInt, PositiveFloat
-from typing_extensions import Literal
-
 from mergekit.merge_methods.base import (
     BasePolicy,
     InputContract,
@@ -29,13 +26,14 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit.merge_methods.easy_define import merge_method
+from pydantic import NonNegativeInt, PositiveFloat
+from typing_extensions import Literal
 
 from mergekit_layerswap.adapter import trust
 from mergekit_layerswap.adapter.blend import blend_roles
 from mergekit_layerswap.adapter.mixing import Members, mix_roles
 from mergekit_layerswap.core import METHOD_NAME, PAPER_URL
 from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
-
 
 Role = Literal["task", "language"]
 NON_LAYER = trust.NON_LAYER  # layer_index of a tensor outside the decoder layers

@@ -93,9 +93,9 @@ def row_mav(expert_tensor, base_tensor, block_elements: int = 1 << 22):
     step = max(1, block_elements // max(columns, 1))
     out = torch.empty(rows, dtype=torch.float32, device=expert_tensor.device)
     for start in range(0, rows, step):
-        block = expert_tensor[start:start + step].to(torch.float32, copy=True)  # never the input itself
-        block.sub_(base_tensor[start:start + step].float()).abs_()
-        out[start:start + step] = block.mean(dim=1)
+        block = expert_tensor[start : start + step].to(torch.float32, copy=True)  # never the input itself
+        block.sub_(base_tensor[start : start + step].float()).abs_()
+        out[start : start + step] = block.mean(dim=1)
     return out
 
 
@@ -133,15 +133,19 @@ def _base_tensor(base_loader, base, expert, name, shape, device):
     return y
 
 
-def stream_row_mavs(expert, base, device: str = "cpu", quiet: bool = True, desc: str = "") -> Iterator[Tuple[str, object]]:
+def stream_row_mavs(
+    expert, base, device: str = "cpu", quiet: bool = True, desc: str = ""
+) -> Iterator[Tuple[str, object]]:
     """Yield (tensor name, row-MAV vector) for every counted tensor of ``expert``."""
-    for name, values in stream_row_mavs_of([expert], base, device=device, quiet=quiet,
-                                           desc=desc or f"Magnitude of {expert}"):
+    for name, values in stream_row_mavs_of(
+        [expert], base, device=device, quiet=quiet, desc=desc or f"Magnitude of {expert}"
+    ):
         yield name, values[0]
 
 
-def stream_row_mavs_of(experts: Sequence, base, device: str = "cpu", quiet: bool = True,
-                       desc: str = "") -> Iterator[Tuple[str, list]]:
+def stream_row_mavs_of(
+    experts: Sequence, base, device: str = "cpu", quiet: bool = True, desc: str = ""
+) -> Iterator[Tuple[str, list]]:
     """Yield (tensor name, [row-MAV vector or None per expert]) for every tensor any expert
     counts, in the base's shard order: each base tensor is read once for all experts."""
     import tqdm

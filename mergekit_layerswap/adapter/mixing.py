@@ -53,8 +53,9 @@ def weighted_sum(terms: List[Tuple[torch.Tensor, float]], dtype: torch.dtype) ->
     return total
 
 
-def weighted_average(terms: List[Tuple[torch.Tensor, float]], denominator: float, acc_dtype: torch.dtype,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+def weighted_average(
+    terms: List[Tuple[torch.Tensor, float]], denominator: float, acc_dtype: torch.dtype, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``weighted_sum(terms, acc_dtype) / denominator`` rounded to ``out_dtype``, computed
     in blocks of rows with the same operations in the same order (so the same bits).
 

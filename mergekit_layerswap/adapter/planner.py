@@ -45,11 +45,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from mergekit_layerswap.adapter.hooks import wrap
 from mergekit_layerswap.adapter import trust
+from mergekit_layerswap.adapter.hooks import wrap
 from mergekit_layerswap.adapter.trust import NON_LAYER
-from mergekit_layerswap.core.layers import role_shares
 from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.layers import role_shares
 
 LOG = logging.getLogger(__name__)
 VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
@@ -165,8 +165,12 @@ def _normalize_config(original):
         run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
         original(self)
-        check_tensors(run.recipe, run.info, tokenizer_configured=configured_tokenizer,
-                      dtype_configured=self.config.dtype is not None)
+        check_tensors(
+            run.recipe,
+            run.info,
+            tokenizer_configured=configured_tokenizer,
+            dtype_configured=self.config.dtype is not None,
+        )
         run.integers = trust.integer_tensors(run.recipe.models)
         trust.check_blended_integers(run.recipe, run.info, run.integers)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
@@ -204,9 +208,7 @@ def _plan_tensor(original):
         run: SwapRun = self._layer_swap
         recipe = run.recipe
         layer = self._layer_swap_layer
-        shares = role_shares(
-            layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
-        )
+        shares = role_shares(layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
         blending = sum(share > 0 for share in shares.values()) > 1
         with_base = blending and recipe.base_model is not None and recipe.blend_needs_base
         keep = [
@@ -233,12 +235,12 @@ def _plan_tensor(original):
             self._layer_swap_integers.add(out_weight.name)
         parameters = dict(task.parameters.items())
         parameters.update(
-            layer_index=NON_LAYER if layer is None else layer, num_layers=run.info.num_layers, blend_options=recipe.blend_options
+            layer_index=NON_LAYER if layer is None else layer,
+            num_layers=run.info.num_layers,
+            blend_options=recipe.blend_options,
         )
         input_parameters = {
-            model: ImmutableMap(
-                {**dict(values.items()), "magnitude": _magnitude_of(run, model)}
-            )
+            model: ImmutableMap({**dict(values.items()), "magnitude": _magnitude_of(run, model)})
             for model, values in task.input_parameters.items()
         }
         self._tensors[-1] = (

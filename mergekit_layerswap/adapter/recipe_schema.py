@@ -131,9 +131,12 @@ def read_multi_recipe_text(text: str, source: str) -> None:
         name = data.pop("name", None)
         if name in names:
             raise RecipeError(
-                f"{where}: " + (f"stage name {name!r} is used twice; give each stage its own name"
-                                if name is not None else "a second stage without `name:`; only the final "
-                                "stage may be unnamed")
+                f"{where}: "
+                + (
+                    f"stage name {name!r} is used twice; give each stage its own name"
+                    if name is not None
+                    else "a second stage without `name:`; only the final stage may be unnamed"
+                )
             )
         names.add(name)
         try:
@@ -156,7 +159,7 @@ def check_dtypes(config, source: Optional[str] = None) -> None:
             known = dtype_from_name(value) is not None
         except Exception:
             known = False
-        name = str(value)[len("torch."):] if str(value).startswith("torch.") else str(value)
+        name = str(value)[len("torch.") :] if str(value).startswith("torch.") else str(value)
         if not known or name not in FLOATING_DTYPES:
             prefix = f"{source}: " if source else ""
             raise RecipeError(

@@ -13,6 +13,7 @@ import sys
 
 from mergekit_layerswap.adapter import hooks
 from mergekit_layerswap.core import METHOD_NAME
+
 KERNEL_MODULE = "mergekit_layerswap.adapter.kernel"
 
 # module name -> "package.module:function" (or a tuple of them) called with the freshly executed module

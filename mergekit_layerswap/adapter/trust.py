@@ -8,7 +8,8 @@
 * An average that is not finite names the model and tensor that made it so. The check
   sums the finished output block by block (a NaN or inf anywhere makes a block's sum
   non-finite); only a block whose sum is not finite gets the exact ``isfinite`` test (a
-  sum of finite values can overflow), and the inputs are searched only when that fails. A tensor taken whole from one expert is not checked (it is copied as is).
+  sum of finite values can overflow), and the inputs are searched only when that fails.
+  A tensor taken whole from one expert is not checked (it is copied as is).
 * Integer (and boolean) tensors are never averaged: taken whole from one expert they
   are copied; where the rule blends they must be equal in every expert used.
 """
@@ -100,8 +101,10 @@ def copied_integer_tensor(used: Sequence[Any], name: Optional[str]) -> torch.Ten
     first = used[0]
     for entry in used[1:]:
         tensor = entry.tensor
-        if tensor.dtype != first.tensor.dtype or tensor.shape != first.tensor.shape or not torch.equal(
-            tensor, first.tensor
+        if (
+            tensor.dtype != first.tensor.dtype
+            or tensor.shape != first.tensor.shape
+            or not torch.equal(tensor, first.tensor)
         ):
             raise RecipeError(
                 f"integer tensor {name} differs between {_label(first)} and {_label(entry)}, and "
@@ -146,8 +149,7 @@ def check_blended_integers(recipe, info, integers: dict) -> None:
     for name in sorted(integers):
         if name not in positions:
             continue  # not part of the architecture: mergekit does not write it
-        shares = role_shares(positions[name], info.num_layers, recipe.zones, recipe.non_layer,
-                             recipe.transition_shape)
+        shares = role_shares(positions[name], info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
         used = [expert.model for expert in recipe.experts if shares[expert.role] > 0]
         if len(used) < 2:
             continue

@@ -25,11 +25,30 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 _FIX = "re-download or re-save that model"
 
 
-
 # element sizes by safetensors header name and by torch name (pickled checkpoints)
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-               "F8_E4M3": 1, "F8_E5M2": 1, "FLOAT64": 8, "FLOAT32": 4, "BFLOAT16": 2, "FLOAT16": 2,
-               "INT64": 8, "INT32": 4, "INT16": 2, "INT8": 1, "UINT8": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "FLOAT64": 8,
+    "FLOAT32": 4,
+    "BFLOAT16": 2,
+    "FLOAT16": 2,
+    "INT64": 8,
+    "INT32": 4,
+    "INT16": 2,
+    "INT8": 1,
+    "UINT8": 1,
+}
 
 
 def tensor_bytes(shape, dtype: str) -> int:
@@ -114,7 +133,9 @@ def read_safetensors_header(path: str) -> Dict[str, Any]:
     except FileNotFoundError:
         raise RecipeError(f"weight file {path} is missing; {_FIX}") from None
     except OSError as error:
-        raise RecipeError(f"cannot read weight file {path} ({error.strerror or error}); check its permissions") from None
+        raise RecipeError(
+            f"cannot read weight file {path} ({error.strerror or error}); check its permissions"
+        ) from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -164,8 +185,11 @@ def check_weight_files(model) -> None:
     if directory is None:
         return  # a Hub id: mergekit downloads it
     chosen = next(
-        (os.path.join(directory, n) for n in WEIGHT_FILES
-         if os.path.exists(os.path.join(directory, n)) or os.path.exists(os.path.join(directory, n + ".index.json"))),
+        (
+            os.path.join(directory, n)
+            for n in WEIGHT_FILES
+            if os.path.exists(os.path.join(directory, n)) or os.path.exists(os.path.join(directory, n + ".index.json"))
+        ),
         None,
     )
     if chosen is None:
@@ -200,6 +224,4 @@ def check_weight_files(model) -> None:
         if header is not None:
             absent = [t for t in tensors if t not in header]
             if absent:
-                raise RecipeError(
-                    f"index {index_path} puts {absent[0]} in {path}, which does not hold it; {_FIX}"
-                )
+                raise RecipeError(f"index {index_path} puts {absent[0]} in {path}, which does not hold it; {_FIX}")

@@ -10,7 +10,6 @@ import click
 
 from mergekit_layerswap.cli.options import device_option
 from mergekit_layerswap.core.files import looks_like_hub_id
-
 from mergekit_layerswap.tools.analysis import AUTO, AUTO_QUANTILE, DEFAULT_THRESHOLDS
 
 
@@ -29,19 +28,21 @@ class ModelType(click.ParamType):
         except Exception as error:
             self.fail(f"{value!r} is not a model reference ({error}); give a directory or a hub id", param, ctx)
         if model.lora is not None:
-            self.fail(f"{value}: LoRA adapters are not analysed; merge the adapter into its model first",
-                      param, ctx)
+            self.fail(f"{value}: LoRA adapters are not analysed; merge the adapter into its model first", param, ctx)
         path = os.path.expanduser(model.model.path)
         if not os.path.isdir(path) and not looks_like_hub_id(path):
-            self.fail(f"{value}: no such model directory; give a local model directory or a hub id",
-                      param, ctx)
+            self.fail(f"{value}: no such model directory; give a local model directory or a hub id", param, ctx)
         try:
             model.config()
         except Exception as error:
             text = str(error).strip()
             reason = text.splitlines()[0] if text else type(error).__name__
-            self.fail(f"cannot read config.json of {value} ({reason}); give a local model directory "
-                      f"or a reachable Hugging Face hub id", param, ctx)
+            self.fail(
+                f"cannot read config.json of {value} ({reason}); give a local model directory "
+                f"or a reachable Hugging Face hub id",
+                param,
+                ctx,
+            )
         return model
 
 
@@ -66,8 +67,9 @@ THRESHOLD = ThresholdType()
 
 def _check_distinct(base, models, hint: str) -> None:
     if base in models:
-        raise click.BadParameter(f"{base} is also --base; compare experts fine-tuned from the base, "
-                                 f"not the base itself", param_hint=hint)
+        raise click.BadParameter(
+            f"{base} is also --base; compare experts fine-tuned from the base, not the base itself", param_hint=hint
+        )
     seen = set()
     for model in models:
         if model in seen:
@@ -77,15 +79,27 @@ def _check_distinct(base, models, hint: str) -> None:
 
 @click.command("analyze")
 @click.option("--base", required=True, type=MODEL, help="The model the experts were fine-tuned from.")
-@click.option("--expert", "experts", required=True, multiple=True, type=MODEL,
-              help="An expert to analyse (repeat for several).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, dir_okay=True),
-              help="Directory for stats.csv, stats.json and the figures.")
-@click.option("--threshold", "thresholds", multiple=True, type=THRESHOLD,
-              help=f"Row-MAV threshold(s) for the share columns (repeatable; a number or 'auto' = each "
-                   f"expert's {AUTO_QUANTILE:g} quantile). Default: 1.9e-5, 1e-5 and auto.")
-@click.option("--heatmap-threshold", type=THRESHOLD, default=AUTO, show_default=True,
-              help="Threshold the heatmaps colour by.")
+@click.option(
+    "--expert", "experts", required=True, multiple=True, type=MODEL, help="An expert to analyse (repeat for several)."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, dir_okay=True),
+    help="Directory for stats.csv, stats.json and the figures.",
+)
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    type=THRESHOLD,
+    help=f"Row-MAV threshold(s) for the share columns (repeatable; a number or 'auto' = each "
+    f"expert's {AUTO_QUANTILE:g} quantile). Default: 1.9e-5, 1e-5 and auto.",
+)
+@click.option(
+    "--heatmap-threshold", type=THRESHOLD, default=AUTO, show_default=True, help="Threshold the heatmaps colour by."
+)
 @device_option("Compute the differences on the GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, device, quiet):
@@ -104,8 +118,9 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, devic
     written = analysis.write_stats(deltas, thresholds, out_dir)
     written += heatmap.write_figures(deltas, heatmap_threshold, out_dir)
     for delta in deltas:
-        click.echo(f"{delta.name}: {delta.model}, {delta.num_layers} layers, "
-                   f"auto threshold {delta.auto_threshold():.3g}")
+        click.echo(
+            f"{delta.name}: {delta.model}, {delta.num_layers} layers, auto threshold {delta.auto_threshold():.3g}"
+        )
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -114,8 +129,7 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, devic
 @click.option("--base", required=True, type=MODEL, help="The model both experts were fine-tuned from.")
 @click.option("--task", required=True, type=MODEL, help="The task expert (e.g. English math).")
 @click.option("--language", required=True, type=MODEL, help="The language expert.")
-@click.option("--out", "out_path", type=click.Path(dir_okay=False),
-              help="Write the recipe here (default: print it).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the recipe here (default: print it).")
 @click.option("--no-clip", is_flag=True, help="The raw rule, not clipped to the paper's searched ranges.")
 @device_option("Compute the differences on the GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -127,12 +141,10 @@ def suggest_command(base, task, language, out_path, no_clip, device, quiet):
     if out_path and os.path.isdir(out_path):
         raise click.BadParameter(f"{out_path} is a directory; give a file name", param_hint="--out")
     if out_path and not os.path.isdir(os.path.dirname(os.path.abspath(out_path))):
-        raise click.BadParameter(f"the directory of {out_path} does not exist; create it first",
-                                 param_hint="--out")
+        raise click.BadParameter(f"the directory of {out_path} does not exist; create it first", param_hint="--out")
     task_delta, language_delta = analysis.analyze_experts(base, [task, language], device=device, quiet=quiet)
     try:
-        result = suggest.suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(),
-                                       clip=not no_clip)
+        result = suggest.suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(), clip=not no_clip)
     except ValueError as error:
         raise click.ClickException(f"{error}; both experts must be fine-tuned away from --base") from None
     # the table goes to stderr when the recipe itself goes to stdout (`suggest ... > recipe.yaml`)

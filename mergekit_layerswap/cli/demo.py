@@ -17,15 +17,26 @@ def _not_a_file(ctx, param, value):
 
 
 @click.command("demo")
-@click.option("--root", default=".demo", show_default=True, callback=_not_a_file,
-              help="Where the base, the experts and the data are built and cached.")
-@click.option("--out", default=None, callback=_not_a_file,
-              help="Where the merged model goes [default: ROOT/merged].")
-@click.option("--steps", type=click.IntRange(min=1, max=10_000), default=None,
-              help=f"Optimizer steps of each expert's fine-tune [default: {DemoSettings.steps}, with --full 40].")
-@click.option("--full", is_flag=True,
-              help="The long way: 40 steps at 2e-5 on 128-token sequences, embeddings trained, float32 "
-                   "(about 4x the CPU time; see docs/demo.md).")
+@click.option(
+    "--root",
+    default=".demo",
+    show_default=True,
+    callback=_not_a_file,
+    help="Where the base, the experts and the data are built and cached.",
+)
+@click.option("--out", default=None, callback=_not_a_file, help="Where the merged model goes [default: ROOT/merged].")
+@click.option(
+    "--steps",
+    type=click.IntRange(min=1, max=10_000),
+    default=None,
+    help=f"Optimizer steps of each expert's fine-tune [default: {DemoSettings.steps}, with --full 40].",
+)
+@click.option(
+    "--full",
+    is_flag=True,
+    help="The long way: 40 steps at 2e-5 on 128-token sequences, embeddings trained, float32 "
+    "(about 4x the CPU time; see docs/demo.md).",
+)
 @click.option("--rebuild", is_flag=True, help="Rebuild base and experts even if cached.")
 def demo_command(root, out, steps, full, rebuild):
     """Build SmolLM2-135M experts (English math, Swahili) and layer-swap them.
@@ -41,11 +52,10 @@ def demo_command(root, out, steps, full, rebuild):
 
     root = os.path.abspath(root)
     out = os.path.abspath(out or os.path.join(root, "merged"))
-    if out == root or out in (
-        os.path.join(root, name) for name in ("base", "math-expert", "swahili-expert", "data")
-    ):
-        raise click.BadParameter(f"{out} would overwrite the demo's own files; choose another directory",
-                                 param_hint="'--out'")
+    if out == root or out in (os.path.join(root, name) for name in ("base", "math-expert", "swahili-expert", "data")):
+        raise click.BadParameter(
+            f"{out} would overwrite the demo's own files; choose another directory", param_hint="'--out'"
+        )
     recipe = find_recipe()
     settings = DemoSettings.full(steps) if full else DemoSettings(**({"steps": steps} if steps else {}))
     times = StepTimes()

@@ -39,12 +39,7 @@ class SwapZones:
 
     @property
     def total(self) -> int:
-        return (
-            self.bottom_layers
-            + self.top_layers
-            + self.bottom_transition
-            + self.top_transition
-        )
+        return self.bottom_layers + self.top_layers + self.bottom_transition + self.top_transition
 
 
 def layer_source(layer: int, num_layers: int, zones: SwapZones) -> str:

@@ -22,7 +22,6 @@ from mergekit_layerswap.core.parameters import (
     ZONE_PARAMETERS,
 )
 
-
 # (blend_method, blend_<name> settings, base_model) -> (options, needs_base)
 BlendChecker = Callable[[str, Dict[str, Any], Any], Tuple[Tuple[Tuple[str, Any], ...], bool]]
 
@@ -106,15 +105,11 @@ def _check_shared(name: str, setting: Any) -> Any:
         return setting
     if name in ZONE_PARAMETERS:
         if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-            raise RecipeError(
-                f"parameters.{name} must be a non-negative whole number of layers; got {setting!r}"
-            )
+            raise RecipeError(f"parameters.{name} must be a non-negative whole number of layers; got {setting!r}")
         return setting
     choices = CHOICE_PARAMETERS[name]
     if setting not in choices:
-        raise RecipeError(
-            f"parameters.{name} must be one of {', '.join(choices)}; got {setting!r}"
-        )
+        raise RecipeError(f"parameters.{name} must be one of {', '.join(choices)}; got {setting!r}")
     return setting
 
 
@@ -124,8 +119,7 @@ def _refuse_unknown(names, allowed, where: str) -> None:
             continue
         if name in PLANNER_PARAMETERS:
             raise RecipeError(
-                f"{where}.{name} is computed by layer_swap for each tensor and cannot be "
-                f"set in a recipe; remove it"
+                f"{where}.{name} is computed by layer_swap for each tensor and cannot be set in a recipe; remove it"
             )
         if name == "role" and where == "parameters":
             raise RecipeError(
@@ -135,8 +129,7 @@ def _refuse_unknown(names, allowed, where: str) -> None:
             )
         if name in SHARED_PARAMETERS and where != "parameters":
             raise RecipeError(
-                f"{where}.{name} applies to the whole merge; move it to the top-level "
-                f"`parameters:` block"
+                f"{where}.{name} applies to the whole merge; move it to the top-level `parameters:` block"
             )
         known = ", ".join(allowed)
         raise RecipeError(f"{where}.{name} is not a layer_swap parameter (known: {known})")
@@ -155,12 +148,11 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
         )
     params = dict(config.parameters or {})
     blend_settings = {
-        k: v for k, v in params.items()
+        k: v
+        for k, v in params.items()
         if k.startswith(BLEND_PREFIX) and k != "blend_method" and k not in PLANNER_PARAMETERS
     }
-    _refuse_unknown(
-        [k for k in params if k not in blend_settings], SHARED_PARAMETERS + ("weight",), "parameters"
-    )
+    _refuse_unknown([k for k in params if k not in blend_settings], SHARED_PARAMETERS + ("weight",), "parameters")
     shared = {name: _check_shared(name, params.get(name, DEFAULTS[name])) for name in SHARED_PARAMETERS}
     if "weight" in params:
         _check_weight(params["weight"], "parameters")
@@ -184,13 +176,10 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
         role = model_params.get("role")
         if role is None:
             raise RecipeError(
-                f"{where} has no role; add `parameters: {{role: task}}` or "
-                f"`parameters: {{role: language}}`"
+                f"{where} has no role; add `parameters: {{role: task}}` or `parameters: {{role: language}}`"
             )
         if not isinstance(role, str) or role not in ROLES:
-            raise RecipeError(
-                f"{where} has role {role!r}; role must be `task` or `language`, one value per model"
-            )
+            raise RecipeError(f"{where} has role {role!r}; role must be `task` or `language`, one value per model")
         weight = model_params.get("weight", params.get("weight", 1.0))
         _check_weight(weight, where)
         experts.append(Expert(model=model_in.model, role=role, weight=weight))
@@ -200,9 +189,7 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
     check_normalised([(f"models[{i}] ({e.model})", weight_values(e.weight)) for i, e in enumerate(experts)])
     for role in ROLES:
         if not any(e.role == role for e in experts):
-            raise RecipeError(
-                f"the recipe has no {role} expert; add a model with `parameters: {{role: {role}}}`"
-            )
+            raise RecipeError(f"the recipe has no {role} expert; add a model with `parameters: {{role: {role}}}`")
     if shared["weighting"] == "magnitude" and base is None:
         raise RecipeError(
             "weighting: magnitude needs base_model (the model both experts were fine-tuned "

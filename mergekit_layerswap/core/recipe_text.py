@@ -130,22 +130,26 @@ class _Checker:
             hint = f"{key} is a layer_swap parameter: put it under `parameters:`. "
         return self.fail(
             key_node,
-            f"unknown key `{key}` in {where}; {hint}mergekit would silently ignore it "
-            f"(known: {', '.join(known)})",
+            f"unknown key `{key}` in {where}; {hint}mergekit would silently ignore it (known: {', '.join(known)})",
         )
 
     # ------------------------------------------------------------ documents
     def document(self, node) -> None:
         if node is None:
-            raise self.fail(None, "is empty; a layer_swap recipe needs `merge_method: layer_swap` and a "
-                                  "`models:` list (see the README)")
+            raise self.fail(
+                None,
+                "is empty; a layer_swap recipe needs `merge_method: layer_swap` and a `models:` list (see the README)",
+            )
         if not isinstance(node, yaml.MappingNode):
-            raise self.fail(node, f"a recipe must be a mapping of keys (merge_method:, models:, "
-                                  f"parameters:, ...); this one is {_kind(node)}")
+            raise self.fail(
+                node,
+                f"a recipe must be a mapping of keys (merge_method:, models:, "
+                f"parameters:, ...); this one is {_kind(node)}",
+            )
         items = self.items(node, "the recipe")
         known = self.schema.top_level | self.extra_top_level
         keys = {key: (key_node, value) for key, key_node, value in items}
-        for key, key_node, value in items:
+        for key, key_node, _value in items:
             if key not in known:
                 raise self.unknown_key(key_node, key, "the recipe", known)
         for key in ("slices", "modules"):
@@ -161,42 +165,56 @@ class _Checker:
         for key in ("base_model", "tokenizer_source"):
             if key in keys and not (isinstance(keys[key][1], yaml.ScalarNode)):
                 self.model_reference(keys[key][1], key)
-        if "tokenizer" in keys and self.expect_mapping(keys["tokenizer"][1], "tokenizer", "source: base",
-                                                       allow_null=True):
+        if "tokenizer" in keys and self.expect_mapping(
+            keys["tokenizer"][1], "tokenizer", "source: base", allow_null=True
+        ):
             for key, key_node, _ in self.items(keys["tokenizer"][1], "tokenizer"):
                 if key not in self.schema.tokenizer:
                     raise self.unknown_key(key_node, key, "tokenizer", self.schema.tokenizer)
         if "parameters" in keys:
             self.parameters(keys["parameters"][1], "parameters", top_level=True)
         if "models" not in keys:
-            raise self.fail(node, "the recipe has no `models:` list; list the task and language experts "
-                                  "under `models:`, each with `parameters: {role: ...}`")
+            raise self.fail(
+                node,
+                "the recipe has no `models:` list; list the task and language experts "
+                "under `models:`, each with `parameters: {role: ...}`",
+            )
         self.models(keys["models"][0], keys["models"][1])
 
     def models(self, key_node, node) -> None:
         if _is_null(node) or (isinstance(node, yaml.SequenceNode) and not node.value):
-            raise self.fail(key_node, "models is empty; list the task and language experts, e.g. "
-                                      "`- model: path/to/task` with `parameters: {role: task}`")
+            raise self.fail(
+                key_node,
+                "models is empty; list the task and language experts, e.g. "
+                "`- model: path/to/task` with `parameters: {role: task}`",
+            )
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, f"models must be a list (one `- model: ...` item per expert); it is {_kind(node)}")
         for index, entry in enumerate(node.value):
             where = f"models[{index}]"
             if not isinstance(entry, yaml.MappingNode):
-                raise self.fail(entry, f"{where} must be a mapping like `- model: path/to/expert` with "
-                                       f"`parameters: {{role: task}}`; it is {_kind(entry)}")
+                raise self.fail(
+                    entry,
+                    f"{where} must be a mapping like `- model: path/to/expert` with "
+                    f"`parameters: {{role: task}}`; it is {_kind(entry)}",
+                )
             keys = {}
             for key, key_node, value in self.items(entry, where):
                 if key not in self.schema.model_entry:
                     hint_where = f"{where} (next to `model:`)"
                     if key in _EVERY_PARAMETER:
-                        raise self.fail(key_node, f"{where}.{key} belongs under the model's `parameters:` "
-                                                  f"(e.g. `parameters: {{{key}: ...}}`); mergekit would "
-                                                  f"silently ignore it here")
+                        raise self.fail(
+                            key_node,
+                            f"{where}.{key} belongs under the model's `parameters:` "
+                            f"(e.g. `parameters: {{{key}: ...}}`); mergekit would "
+                            f"silently ignore it here",
+                        )
                     raise self.unknown_key(key_node, key, hint_where, self.schema.model_entry)
                 keys[key] = (key_node, value)
             if "model" not in keys or _is_null(keys["model"][1]):
-                raise self.fail(keys.get("model", (entry,))[0],
-                                f"{where} has no model path; add `model: path/to/expert`")
+                raise self.fail(
+                    keys.get("model", (entry,))[0], f"{where} has no model path; add `model: path/to/expert`"
+                )
             if not isinstance(keys["model"][1], yaml.ScalarNode):
                 self.model_reference(keys["model"][1], f"{where}.model")
             if "parameters" in keys:
@@ -243,8 +261,11 @@ class _Checker:
             return
         if isinstance(node, yaml.SequenceNode):
             if depth > 0:
-                raise self.fail(node, f"{name} has a list inside a list; a parameter is one value, a list "
-                                      f"of values, or a list of `{{filter: ..., value: ...}}` entries")
+                raise self.fail(
+                    node,
+                    f"{name} has a list inside a list; a parameter is one value, a list "
+                    f"of values, or a list of `{{filter: ..., value: ...}}` entries",
+                )
             if not node.value:
                 raise self.fail(node, f"{name} is an empty list; {_example(key)}")
             for item in node.value:

@@ -48,13 +48,18 @@ class DemoSettings:
 
     @classmethod
     def full(cls, steps: Optional[int] = None) -> "DemoSettings":
-        return cls(steps=steps or 40, learning_rate=2e-5, max_tokens=128, train_embeddings=True,
-                   bfloat16_autocast=False)
+        return cls(
+            steps=steps or 40, learning_rate=2e-5, max_tokens=128, train_embeddings=True, bfloat16_autocast=False
+        )
 
     def finetune_settings(self, seed: int) -> FinetuneSettings:
         return FinetuneSettings(
-            steps=self.steps, learning_rate=self.learning_rate, batch_size=self.batch_size,
-            max_tokens=self.max_tokens, seed=seed, train_embeddings=self.train_embeddings,
+            steps=self.steps,
+            learning_rate=self.learning_rate,
+            batch_size=self.batch_size,
+            max_tokens=self.max_tokens,
+            seed=seed,
+            train_embeddings=self.train_embeddings,
             bfloat16_autocast=self.bfloat16_autocast,
         )
 
@@ -98,8 +103,12 @@ def swahili_texts(source: TemplateSource, settings: DemoSettings) -> List[str]:
 
 
 def build_all(
-    root: str, settings: DemoSettings, rebuild: bool = False, log: Callable[[str], None] = print,
-    times: Optional[StepTimes] = None, progress: bool = False,
+    root: str,
+    settings: DemoSettings,
+    rebuild: bool = False,
+    log: Callable[[str], None] = print,
+    times: Optional[StepTimes] = None,
+    progress: bool = False,
 ) -> Dict[str, float]:
     """Make sure base and both experts exist under ``root``; returns seconds spent per
     checkpoint (0 for one that was reused). ``times`` records wall and CPU seconds of
@@ -137,8 +146,10 @@ def build_all(
 
     def expert(texts_of: Callable[[], List[str]], seed: int, label: str) -> Callable[[str], None]:
         def make(out_dir: str) -> None:
-            finetune(base_dir, texts_of(), out_dir, settings.finetune_settings(seed), log=log,
-                     progress=progress, label=label)
+            finetune(
+                base_dir, texts_of(), out_dir, settings.finetune_settings(seed), log=log, progress=progress, label=label
+            )
+
         return make
 
     def tokenizer():
@@ -146,8 +157,14 @@ def build_all(
 
         return AutoTokenizer.from_pretrained(base_dir)
 
-    timed(MATH, {**common, "seed": MATH_SEED, "texts": "eng question+solution, chat"},
-          expert(lambda: math_texts(source, tokenizer(), settings), MATH_SEED, MATH))
-    timed(SWAHILI, {**common, "seed": SWAHILI_SEED, "texts": "swh question only"},
-          expert(lambda: swahili_texts(source, settings), SWAHILI_SEED, SWAHILI))
+    timed(
+        MATH,
+        {**common, "seed": MATH_SEED, "texts": "eng question+solution, chat"},
+        expert(lambda: math_texts(source, tokenizer(), settings), MATH_SEED, MATH),
+    )
+    timed(
+        SWAHILI,
+        {**common, "seed": SWAHILI_SEED, "texts": "swh question only"},
+        expert(lambda: swahili_texts(source, settings), SWAHILI_SEED, SWAHILI),
+    )
     return seconds

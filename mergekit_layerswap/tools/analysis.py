@@ -114,7 +114,7 @@ class ExpertDelta:
 def _template_path(template: str) -> Tuple[str, ...]:
     parts = template.split(".")
     marks = [i for i, part in enumerate(parts) if "${" in part]
-    path = tuple(parts[marks[0] + 1:]) if marks else tuple(parts)
+    path = tuple(parts[marks[0] + 1 :]) if marks else tuple(parts)
     if len(path) > 1 and path[-1] == "weight":
         path = path[:-1]
     return path
@@ -206,25 +206,26 @@ def expert_names(models: Sequence[Any], reserved: Sequence[str] = ("comparison",
     return names
 
 
-def analyze_experts(base, experts: Sequence[Any], device: str = "cpu", quiet: bool = True,
-                    trust_remote_code: bool = False) -> List[ExpertDelta]:
+def analyze_experts(
+    base, experts: Sequence[Any], device: str = "cpu", quiet: bool = True, trust_remote_code: bool = False
+) -> List[ExpertDelta]:
     """Stream every expert against ``base``; configs and headers are checked first."""
     from mergekit_layerswap.adapter.checks import read_models, stored_tensors
-    from mergekit_layerswap.core.layers import LANGUAGE, SwapZones
     from mergekit_layerswap.adapter.magnitude import stream_row_mavs
+    from mergekit_layerswap.core.layers import LANGUAGE, SwapZones
     from mergekit_layerswap.core.recipe import Expert, SwapRecipe
 
     # read_models checks one architecture and one layer count; roles play no part here
-    recipe = SwapRecipe(experts=tuple(Expert(m, LANGUAGE) for m in experts), base_model=base,
-                        zones=SwapZones(0, 0, 0, 0))
+    recipe = SwapRecipe(
+        experts=tuple(Expert(m, LANGUAGE) for m in experts), base_model=base, zones=SwapZones(0, 0, 0, 0)
+    )
     info = read_models(recipe, trust_remote_code=trust_remote_code)
     deltas = []
     for model, name in zip(experts, expert_names(experts)):
         places, columns = tensor_places(info, model, stored_tensors(model))
         row_mavs = {
             tensor: _finite_rows(values.detach().float().cpu().numpy(), model, base, tensor)
-            for tensor, values in stream_row_mavs(model, base, device=device, quiet=quiet,
-                                                  desc=f"Rows of {name}")
+            for tensor, values in stream_row_mavs(model, base, device=device, quiet=quiet, desc=f"Rows of {name}")
         }
         deltas.append(ExpertDelta(name, model, info.num_layers, columns, places, row_mavs))
     return deltas
@@ -264,21 +265,22 @@ def stat_rows(deltas: Sequence[ExpertDelta], thresholds: Sequence[Threshold]) ->
     rows = []
     for delta in deltas:
         values_of = {threshold_label(t): delta.resolve(t) for t in thresholds}
-        order = sorted(delta.row_mavs, key=lambda n: (delta.places[n].layer is None,
-                                                     delta.places[n].layer or 0))
+        order = sorted(delta.row_mavs, key=lambda n: (delta.places[n].layer is None, delta.places[n].layer or 0))
         for tensor in order:
             values = delta.row_mavs[tensor]
             place = delta.places[tensor]
-            rows.append({
-                "expert": delta.name,
-                "layer": place.layer,
-                "parameter": place.parameter,
-                "tensor": tensor,
-                "rows": int(values.size),
-                "mean_row_mav": float(values.astype(np.float64).mean()),
-                "max_row_mav": float(values.max()),
-                "share_above": {label: float((values > v).mean()) for label, v in values_of.items()},
-            })
+            rows.append(
+                {
+                    "expert": delta.name,
+                    "layer": place.layer,
+                    "parameter": place.parameter,
+                    "tensor": tensor,
+                    "rows": int(values.size),
+                    "mean_row_mav": float(values.astype(np.float64).mean()),
+                    "max_row_mav": float(values.max()),
+                    "share_above": {label: float((values > v).mean()) for label, v in values_of.items()},
+                }
+            )
     return rows
 
 
@@ -286,12 +288,22 @@ def _csv_text(rows: List[Dict[str, Any]], labels: List[str], autos: Dict[str, fl
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     extra = ["auto_threshold"] if AUTO in labels else []
-    writer.writerow(["expert", "layer", "parameter", "tensor", "rows", "mean_row_mav", "max_row_mav"]
-                    + [f"share_above_{label}" for label in labels] + extra)
+    writer.writerow(
+        ["expert", "layer", "parameter", "tensor", "rows", "mean_row_mav", "max_row_mav"]
+        + [f"share_above_{label}" for label in labels]
+        + extra
+    )
     for row in rows:
         writer.writerow(
-            [row["expert"], "" if row["layer"] is None else row["layer"], row["parameter"], row["tensor"],
-             row["rows"], repr(row["mean_row_mav"]), repr(row["max_row_mav"])]
+            [
+                row["expert"],
+                "" if row["layer"] is None else row["layer"],
+                row["parameter"],
+                row["tensor"],
+                row["rows"],
+                repr(row["mean_row_mav"]),
+                repr(row["max_row_mav"]),
+            ]
             + [repr(row["share_above"][label]) for label in labels]
             + ([repr(autos[row["expert"]])] if extra else [])
         )
@@ -305,14 +317,23 @@ def write_stats(deltas: Sequence[ExpertDelta], thresholds: Sequence[Threshold], 
     autos = {d.name: d.auto_threshold() for d in deltas}
     document = {
         "thresholds": [
-            {"label": label, "value": None if t == AUTO else float(t),
-             **({"quantile": AUTO_QUANTILE, "per_expert": autos} if t == AUTO else {})}
+            {
+                "label": label,
+                "value": None if t == AUTO else float(t),
+                **({"quantile": AUTO_QUANTILE, "per_expert": autos} if t == AUTO else {}),
+            }
             for label, t in zip(labels, thresholds)
         ],
         "experts": [
-            {"name": d.name, "model": str(d.model), "num_layers": d.num_layers, "columns": d.columns,
-             "rows": int(d.all_rows().size), "mean_row_mav": float(d.all_rows().astype(np.float64).mean()),
-             "layer_profile": [None if np.isnan(v) else float(v) for v in d.layer_profile()]}
+            {
+                "name": d.name,
+                "model": str(d.model),
+                "num_layers": d.num_layers,
+                "columns": d.columns,
+                "rows": int(d.all_rows().size),
+                "mean_row_mav": float(d.all_rows().astype(np.float64).mean()),
+                "layer_profile": [None if np.isnan(v) else float(v) for v in d.layer_profile()],
+            }
             for d in deltas
         ],
         "rows": rows,

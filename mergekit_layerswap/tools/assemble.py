@@ -99,16 +99,22 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
             stat = run.magnitudes.get(expert.model)
             magnitudes[key] = stat.mean_row_mav if stat is not None else 1.0
         if recipe.base_model in experts.tensors:
-            entries.append(TensorEntry(id=BASE_ID, tensor=experts.tensors[recipe.base_model][weight.name],
-                                       is_base=True))
+            entries.append(
+                TensorEntry(id=BASE_ID, tensor=experts.tensors[recipe.base_model][weight.name], is_base=True)
+            )
             roles[BASE_ID], weights[BASE_ID], magnitudes[BASE_ID] = None, 1.0, 1.0
         parameters = {
-            "role": roles, "weight": weights, "magnitude": magnitudes,
+            "role": roles,
+            "weight": weights,
+            "magnitude": magnitudes,
             **dataclasses.asdict(recipe.zones),
-            "weighting": recipe.weighting, "non_layer": recipe.non_layer,
-            "transition_shape": recipe.transition_shape, "blend_method": recipe.blend_method,
+            "weighting": recipe.weighting,
+            "non_layer": recipe.non_layer,
+            "transition_shape": recipe.transition_shape,
+            "blend_method": recipe.blend_method,
             "blend_options": recipe.blend_options,
-            "layer_index": NON_LAYER if layer is None else layer, "num_layers": info.num_layers,
+            "layer_index": NON_LAYER if layer is None else layer,
+            "num_layers": info.num_layers,
         }
         group = TensorGroup(entries=tuple(entries), metadata=TensorMetadata.from_weight_info(weight))
         (tensor,) = method((group,), parameters=parameters)

@@ -54,8 +54,9 @@ def final_number(text: str) -> Optional[float]:
         return None
 
 
-def read_jsonl(path: str, accept: Callable[[Dict[str, Any]], bool], needs: str,
-               limit: Optional[int] = None) -> List[Dict[str, Any]]:
+def read_jsonl(
+    path: str, accept: Callable[[Dict[str, Any]], bool], needs: str, limit: Optional[int] = None
+) -> List[Dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped), each checked by ``accept``;
     a line that is not JSON, not an object or not accepted is refused naming the line."""
     rows: List[Dict[str, Any]] = []
@@ -67,8 +68,9 @@ def read_jsonl(path: str, accept: Callable[[Dict[str, Any]], bool], needs: str,
                 try:
                     row = json.loads(line)
                 except ValueError as error:
-                    raise DataError(f"{path} line {number} is not valid JSON ({error.msg}); "
-                                    "write one JSON object per line") from None
+                    raise DataError(
+                        f"{path} line {number} is not valid JSON ({error.msg}); write one JSON object per line"
+                    ) from None
                 if not isinstance(row, dict):
                     raise DataError(f"{path} line {number} is not a JSON object; write one object per line")
                 if not accept(row):
@@ -82,8 +84,9 @@ def read_jsonl(path: str, accept: Callable[[Dict[str, Any]], bool], needs: str,
 
 
 def read_problems(path: str, limit: Optional[int] = None) -> List[Dict[str, Any]]:
-    return read_jsonl(path, lambda row: "question" in row and "answer" in row,
-                      "needs 'question' and 'answer' fields", limit)
+    return read_jsonl(
+        path, lambda row: "question" in row and "answer" in row, "needs 'question' and 'answer' fields", limit
+    )
 
 
 PROMPTS = ("chat", "mgsm")
@@ -100,8 +103,10 @@ def _prompt(tokenizer, question: str) -> str:
 def exemplars_path(test_path: str) -> str:
     """``X_test.jsonl`` -> ``X_train.jsonl``: where ``data mgsm-symbolic`` puts the exemplars."""
     if not test_path.endswith("_test.jsonl"):
-        raise OptionError(f"{test_path}: the mgsm prompt takes a *_test.jsonl written by "
-                          "`mergekit-layerswap data mgsm-symbolic`", "--eval")
+        raise OptionError(
+            f"{test_path}: the mgsm prompt takes a *_test.jsonl written by `mergekit-layerswap data mgsm-symbolic`",
+            "--eval",
+        )
     return test_path[: -len("_test.jsonl")] + "_train.jsonl"
 
 
@@ -110,9 +115,12 @@ def read_mgsm(path: str, limit: Optional[int] = None, num_fewshot: Optional[int]
     from mergekit_layerswap.core.mgsm import LANGUAGES
 
     rows = read_jsonl(
-        path, lambda row: row.get("answer") is None and "answer_number" in row and row.get("language") in LANGUAGES,
+        path,
+        lambda row: row.get("answer") is None and "answer_number" in row and row.get("language") in LANGUAGES,
         "is not an MGSM test row (answer null, answer_number, language); write it with "
-        "`mergekit-layerswap data mgsm-symbolic`", limit)
+        "`mergekit-layerswap data mgsm-symbolic`",
+        limit,
+    )
     train = exemplars_path(path)
     if not os.path.isfile(train):
         raise DataError(f"{train} (the exemplars of {path}) does not exist")
@@ -120,8 +128,9 @@ def read_mgsm(path: str, limit: Optional[int] = None, num_fewshot: Optional[int]
         exemplars = [json.loads(line) for line in handle if line.strip()]
     shots = len(exemplars) if num_fewshot is None else num_fewshot
     if shots > len(exemplars):
-        raise OptionError(f"{train} holds {len(exemplars)} exemplars; use --num-fewshot {len(exemplars)} or less",
-                          "--num-fewshot")
+        raise OptionError(
+            f"{train} holds {len(exemplars)} exemplars; use --num-fewshot {len(exemplars)} or less", "--num-fewshot"
+        )
     language = LANGUAGES[rows[0]["language"]] if rows else None
     return language, exemplars[:shots], rows
 
@@ -131,13 +140,22 @@ def _generate(model, tokenizer, prompts: List[str], max_new_tokens: int) -> List
 
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     with torch.no_grad():
-        generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        generated = model.generate(
+            **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return tokenizer.batch_decode(generated[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def exact_match(model, tokenizer, path: str, limit: Optional[int] = None, max_new_tokens: int = 96,
-                batch_size: int = 8, prompt: str = "chat", num_fewshot: Optional[int] = None) -> Score:
+def exact_match(
+    model,
+    tokenizer,
+    path: str,
+    limit: Optional[int] = None,
+    max_new_tokens: int = 96,
+    batch_size: int = 8,
+    prompt: str = "chat",
+    num_fewshot: Optional[int] = None,
+) -> Score:
     from mergekit_layerswap.core import mgsm
 
     tokenizer.padding_side = "left"
@@ -155,8 +173,8 @@ def exact_match(model, tokenizer, path: str, limit: Optional[int] = None, max_ne
         metric = "exact_match,chat-0shot"
     correct = 0
     for start in range(0, len(prompts), batch_size):
-        texts = _generate(model, tokenizer, prompts[start:start + batch_size], max_new_tokens)
-        for text, answer in zip(texts, expected[start:start + batch_size]):
+        texts = _generate(model, tokenizer, prompts[start : start + batch_size], max_new_tokens)
+        for text, answer in zip(texts, expected[start : start + batch_size]):
             if prompt == "mgsm":
                 text = mgsm.cut_at_stop(language, text)
             predicted, wanted = final_number(text), final_number(str(answer))
@@ -176,7 +194,7 @@ def perplexity(model, tokenizer, path: str, limit: Optional[int] = None, window:
         ids = ids[: limit * window]
     total, count = 0.0, 0
     for start in range(0, max(len(ids) - 1, 0), window):
-        chunk = ids[start:start + window + 1].unsqueeze(0).to(model.device)
+        chunk = ids[start : start + window + 1].unsqueeze(0).to(model.device)
         if chunk.shape[1] < 2:
             break
         with torch.no_grad():
@@ -195,8 +213,9 @@ def _import_lm_eval():
     try:
         import lm_eval  # noqa: F401
     except ImportError:
-        raise OptionError("lm-eval:... needs lm-evaluation-harness: pip install 'mergekit-layerswap[eval]'",
-                          "--eval") from None
+        raise OptionError(
+            "lm-eval:... needs lm-evaluation-harness: pip install 'mergekit-layerswap[eval]'", "--eval"
+        ) from None
 
 
 def task_manager(tasks_path: Optional[str], task: Optional[str] = None):
@@ -218,9 +237,18 @@ def task_manager(tasks_path: Optional[str], task: Optional[str] = None):
     return _TASK_MANAGERS[("all", path)]
 
 
-def run_lm_eval(model, tokenizer, task: str, tasks_path: Optional[str] = None, limit: Optional[int] = None,
-                num_fewshot: Optional[int] = None, batch_size: Optional[int] = None, chat_template: bool = False,
-                max_new_tokens: Optional[int] = None, log_samples: bool = False) -> Dict[str, Any]:
+def run_lm_eval(
+    model,
+    tokenizer,
+    task: str,
+    tasks_path: Optional[str] = None,
+    limit: Optional[int] = None,
+    num_fewshot: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    chat_template: bool = False,
+    max_new_tokens: Optional[int] = None,
+    log_samples: bool = False,
+) -> Dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on the model in memory; returns its results dict."""
     manager = task_manager(tasks_path, task)
     from lm_eval import simple_evaluate
@@ -230,12 +258,20 @@ def run_lm_eval(model, tokenizer, task: str, tasks_path: Optional[str] = None, l
         where = f" or in {tasks_path}" if tasks_path else " (add --tasks-path DIR for a local task)"
         raise OptionError(f"lm-eval has no task {task!r}{where}", "--eval")
     if tokenizer.eos_token_id is None:
-        raise DataError("lm-eval needs a tokenizer with an end-of-sequence token (its stop sequences include it); "
-                        "set eos_token in the donor's tokenizer_config.json")
+        raise DataError(
+            "lm-eval needs a tokenizer with an end-of-sequence token (its stop sequences include it); "
+            "set eos_token in the donor's tokenizer_config.json"
+        )
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size or 1)
     return simple_evaluate(
-        model=lm, tasks=[task], num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        apply_chat_template=chat_template, fewshot_as_multiturn=chat_template, log_samples=log_samples,
+        model=lm,
+        tasks=[task],
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        apply_chat_template=chat_template,
+        fewshot_as_multiturn=chat_template,
+        log_samples=log_samples,
         gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None,
     )
 
@@ -246,21 +282,41 @@ def lm_eval_score(results: Dict[str, Any], task: str, metric: Optional[str] = No
     names = [k for k in values if "," in k and "_stderr," not in k and isinstance(values[k], (int, float))]
     name = metric or (names[0] if names else None)
     if name not in names:
-        raise OptionError(f"lm-eval task {task} reports {', '.join(names) or 'no metric'}; pick one with --metric",
-                          "--metric")
+        raise OptionError(
+            f"lm-eval task {task} reports {', '.join(names) or 'no metric'}; pick one with --metric", "--metric"
+        )
     base, _, filter_name = name.partition(",")
     stderr = values.get(f"{base}_stderr,{filter_name}")
     count = int(results.get("n-samples", {}).get(task, {}).get("effective", 0))
     higher = results.get("higher_is_better", {}).get(task, {}).get(base, True)
-    return Score(name, float(values[name]), count, bool(higher),
-                 float(stderr) if isinstance(stderr, (int, float)) else None)
+    return Score(
+        name, float(values[name]), count, bool(higher), float(stderr) if isinstance(stderr, (int, float)) else None
+    )
 
 
-def lm_eval_task(model, tokenizer, task: str, limit: Optional[int] = None, num_fewshot: Optional[int] = None,
-                 tasks_path: Optional[str] = None, metric: Optional[str] = None, batch_size: Optional[int] = None,
-                 chat_template: bool = False, max_new_tokens: Optional[int] = None) -> Score:
-    results = run_lm_eval(model, tokenizer, task, tasks_path=tasks_path, limit=limit, num_fewshot=num_fewshot,
-                          batch_size=batch_size, chat_template=chat_template, max_new_tokens=max_new_tokens)
+def lm_eval_task(
+    model,
+    tokenizer,
+    task: str,
+    limit: Optional[int] = None,
+    num_fewshot: Optional[int] = None,
+    tasks_path: Optional[str] = None,
+    metric: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    chat_template: bool = False,
+    max_new_tokens: Optional[int] = None,
+) -> Score:
+    results = run_lm_eval(
+        model,
+        tokenizer,
+        task,
+        tasks_path=tasks_path,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        max_new_tokens=max_new_tokens,
+    )
     return lm_eval_score(results, task, metric)
 
 
@@ -276,8 +332,9 @@ def check_spec(spec: str, prompt: str = "chat", tasks_path: Optional[str] = None
     if prompt not in PROMPTS:
         raise OptionError(f"{prompt!r}: use one of {', '.join(PROMPTS)}", "--prompt")
     if prompt == "mgsm" and kind != "exact-match":
-        raise OptionError("--prompt mgsm applies to exact-match:FILE (lm-eval tasks bring their own prompt)",
-                          "--prompt")
+        raise OptionError(
+            "--prompt mgsm applies to exact-match:FILE (lm-eval tasks bring their own prompt)", "--prompt"
+        )
     if prompt == "mgsm" and not os.path.isfile(exemplars_path(argument)):
         raise OptionError(f"{exemplars_path(argument)} (the exemplars) does not exist", "--eval")
     if tasks_path is not None and not os.path.isdir(tasks_path):
@@ -309,13 +366,30 @@ class Evaluator:
     def __call__(self, model, tokenizer) -> Score:
         kind, _, argument = self.spec.partition(":")
         if kind == "exact-match":
-            return exact_match(model, tokenizer, argument, limit=self.limit, max_new_tokens=self.max_new_tokens or 96,
-                               batch_size=self.batch_size or 8, prompt=self.prompt, num_fewshot=self.num_fewshot)
+            return exact_match(
+                model,
+                tokenizer,
+                argument,
+                limit=self.limit,
+                max_new_tokens=self.max_new_tokens or 96,
+                batch_size=self.batch_size or 8,
+                prompt=self.prompt,
+                num_fewshot=self.num_fewshot,
+            )
         if kind == "perplexity":
             return perplexity(model, tokenizer, argument, limit=self.limit)
-        return lm_eval_task(model, tokenizer, argument, limit=self.limit, num_fewshot=self.num_fewshot,
-                            tasks_path=self.tasks_path, metric=self.metric, batch_size=self.batch_size,
-                            chat_template=self.chat_template, max_new_tokens=self.max_new_tokens)
+        return lm_eval_task(
+            model,
+            tokenizer,
+            argument,
+            limit=self.limit,
+            num_fewshot=self.num_fewshot,
+            tasks_path=self.tasks_path,
+            metric=self.metric,
+            batch_size=self.batch_size,
+            chat_template=self.chat_template,
+            max_new_tokens=self.max_new_tokens,
+        )
 
     def with_limit(self, limit: Optional[int]) -> "Evaluator":
         """The same evaluator on the first ``limit`` items (successive halving's rungs)."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional
 
-from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
 from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
 from mergekit_layerswap.tools.recipe_file import load_config
 
@@ -54,8 +54,9 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
         for name, (shape, dtype) in stored_tensors(expert.model).items():
-            shares = role_shares(layers.get(name), info.num_layers, recipe.zones, recipe.non_layer,
-                                 recipe.transition_shape)
+            shares = role_shares(
+                layers.get(name), info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
+            )
             if needs_all or shares[expert.role] > 0:
                 total += tensor_bytes(shape, dtype)
         result[str(expert.model)] = total
@@ -88,8 +89,8 @@ def _role_weights(run) -> Dict[str, Any]:
 
 
 def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
-    from mergekit_layerswap.core import METHOD_NAME
     from mergekit_layerswap.adapter.planner import prepare
+    from mergekit_layerswap.core import METHOD_NAME
 
     config = load_config(path)
     if config.merge_method != METHOD_NAME:
@@ -110,8 +111,14 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
     for layer in range(info.num_layers):
         shares = role_shares(layer, info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
         fractions, resolved = mix(shares)
-        layers.append({"layer": layer, "source": layer_source(layer, info.num_layers, recipe.zones),
-                       "mix": fractions, "mix_is_final": resolved})
+        layers.append(
+            {
+                "layer": layer,
+                "source": layer_source(layer, info.num_layers, recipe.zones),
+                "mix": fractions,
+                "mix_is_final": resolved,
+            }
+        )
     non_layer_fractions, non_layer_resolved = mix(role_shares(None, None, recipe.zones, recipe.non_layer))
     return {
         "recipe": path,
@@ -121,8 +128,14 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
         "weighting": recipe.weighting,
         "non_layer": recipe.non_layer,
         "transition_shape": recipe.transition_shape,
-        "experts": [{"model": str(e.model), "role": e.role, "weight": e.weight if isinstance(e.weight, (int, float))
-                     else "per tensor"} for e in recipe.experts],
+        "experts": [
+            {
+                "model": str(e.model),
+                "role": e.role,
+                "weight": e.weight if isinstance(e.weight, (int, float)) else "per tensor",
+            }
+            for e in recipe.experts
+        ],
         "base_model": str(recipe.base_model) if recipe.base_model is not None else None,
         "config_from": str(recipe.donor),
         "layers": layers,
@@ -157,8 +170,10 @@ def render_text(report: Dict[str, Any]) -> str:
         lines.append(f"  {expert['role']:<8} expert: {expert['model']}  (weight {expert['weight']})")
     zones = report["zones"]
     lines.append(
-        "  zones: " + " ".join(f"{name}={zones[name]}" for name in ZONE_PARAMETERS)
-        + f"; weighting: {report['weighting']}" + (f" against {report['base_model']}" if report["base_model"] else "")
+        "  zones: "
+        + " ".join(f"{name}={zones[name]}" for name in ZONE_PARAMETERS)
+        + f"; weighting: {report['weighting']}"
+        + (f" against {report['base_model']}" if report["base_model"] else "")
     )
     lines.append("")
     lines.append(f"  {'layer':>5}  {'source':<9} mix")
@@ -166,9 +181,14 @@ def render_text(report: Dict[str, Any]) -> str:
         source = "blend" if row["source"] == BLEND else row["source"]
         lines.append(f"  {row['layer']:>5}  {source:<9} {_mix_text(row['mix'], row['mix_is_final'])}")
     lines.append("")
-    lines.append(f"  non-layer tensors (embeddings, final norm, lm_head): {report['non_layer']}"
-                 + (f", {_mix_text(report['non_layer_mix'], report['non_layer_mix_is_final'])}"
-                    if len(report["non_layer_mix"]) > 1 else ""))
+    lines.append(
+        f"  non-layer tensors (embeddings, final norm, lm_head): {report['non_layer']}"
+        + (
+            f", {_mix_text(report['non_layer_mix'], report['non_layer_mix_is_final'])}"
+            if len(report["non_layer_mix"]) > 1
+            else ""
+        )
+    )
     lines.append(f"  config.json, tokenizer and generation config from: {report['config_from']}")
     lines.append("  bytes to read:")
     for model, n in report["bytes_to_read"].items():

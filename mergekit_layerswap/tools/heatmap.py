@@ -75,8 +75,15 @@ def _panel(axes, delta: ExpertDelta, threshold: Threshold, vmax: float, show_lay
 
     cmap = matplotlib.colormaps[CMAP].with_extremes(bad="lightgrey")  # a matrix it does not store
     grid = 100.0 * delta.share_grid(delta.resolve(threshold))
-    image = axes.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto", cmap=cmap,
-                        vmin=0.0, vmax=vmax, interpolation="nearest")
+    image = axes.imshow(
+        np.ma.masked_invalid(grid),
+        origin="lower",
+        aspect="auto",
+        cmap=cmap,
+        vmin=0.0,
+        vmax=vmax,
+        interpolation="nearest",
+    )
     axes.set_xticks(range(len(delta.columns)))
     rotate = max((len(c) for c in delta.columns), default=0) > 4
     axes.set_xticklabels(delta.columns, rotation=45 if rotate else 0, ha="right" if rotate else "center")

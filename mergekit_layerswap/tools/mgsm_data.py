@@ -30,8 +30,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from mergekit_layerswap.core.errors import DataError
-from mergekit_layerswap.core.mgsm import (FLEXIBLE_PATTERN, LM_EVAL_VERSION, TARGET_DELIMITER,
-                                          MgsmLanguage, exemplar_row, fewshot_prompt, language, stop_sequences)
+from mergekit_layerswap.core.mgsm import (
+    FLEXIBLE_PATTERN,
+    LM_EVAL_VERSION,
+    TARGET_DELIMITER,
+    MgsmLanguage,
+    exemplar_row,
+    fewshot_prompt,
+    language,
+    stop_sequences,
+)
 
 TASK_TAG = "mgsm_symbolic_native_cot"
 _FINAL_LINE = re.compile(r"\s*####\s*(\S+)\s*$")
@@ -52,8 +60,11 @@ def task_name(code: str) -> str:
 
 
 def file_names(code: str) -> Dict[str, str]:
-    return {"train": f"mgsm_symbolic_{code}_train.jsonl", "test": f"mgsm_symbolic_{code}_test.jsonl",
-            "yaml": f"{task_name(code)}.yaml"}
+    return {
+        "train": f"mgsm_symbolic_{code}_train.jsonl",
+        "test": f"mgsm_symbolic_{code}_test.jsonl",
+        "yaml": f"{task_name(code)}.yaml",
+    }
 
 
 def _steps(solution: str) -> str:
@@ -79,8 +90,7 @@ def _fixed_problem(source, code: str, index: int):
     if not question or not final:
         return None
     solution = _CALCULATOR_NOTE.sub("", solution).strip()
-    return Problem(question=question.strip(), answer=final.group(1), solution=solution, template=index,
-                   language=code)
+    return Problem(question=question.strip(), answer=final.group(1), solution=solution, template=index, language=code)
 
 
 def _problems(source, code: str, indices: range, per_template: int, seed: int):
@@ -102,9 +112,17 @@ def test_rows(source, lang: MgsmLanguage, settings: MgsmSettings) -> List[Dict[s
         if not _INTEGER.fullmatch(problem.answer) or problem.question in seen:
             continue
         seen.add(problem.question)
-        rows.append({"question": problem.question, "answer": None, "answer_number": int(problem.answer),
-                     "solution": problem.solution, "template": problem.template, "origin": origin,
-                     "language": lang.code})
+        rows.append(
+            {
+                "question": problem.question,
+                "answer": None,
+                "answer_number": int(problem.answer),
+                "solution": problem.solution,
+                "template": problem.template,
+                "origin": origin,
+                "language": lang.code,
+            }
+        )
     return rows
 
 
@@ -118,12 +136,14 @@ def train_rows(source, lang: MgsmLanguage, settings: MgsmSettings) -> List[Dict[
             continue
         steps = _steps(problem.solution)
         row = exemplar_row(lang, problem.question, steps, int(problem.answer))
-        row.update({"solution": problem.solution, "template": problem.template, "origin": origin,
-                    "language": lang.code})
+        row.update(
+            {"solution": problem.solution, "template": problem.template, "origin": origin, "language": lang.code}
+        )
         candidates.append(row)
     if len(candidates) < settings.shots:
-        raise DataError(f"{lang.code} has {len(candidates)} usable training templates; ask for at most that "
-                        "many --shots")
+        raise DataError(
+            f"{lang.code} has {len(candidates)} usable training templates; ask for at most that many --shots"
+        )
     chosen = sorted(candidates, key=lambda r: (len(r["question"]) + len(r["answer"]), r["template"]))
     return sorted(chosen[: settings.shots], key=lambda r: r["template"])
 
@@ -141,28 +161,60 @@ def task_config(lang: MgsmLanguage, train_path: str, test_path: str, shots: int)
         "training_split": "train",
         "test_split": "test",
         "num_fewshot": shots,
-        "doc_to_text": ('{% if answer is not none %}{{question+"\\n' + answer_words + '"}}{% else %}{{"'
-                        + lang.question + ' "+question+"\\n' + answer_words + '"}}{% endif %}'),
-        "doc_to_target": ("{% if answer is not none %}{{answer[" + str(lang.answer_prefix_length)
-                          + ":]}}{% else %}{{answer_number|string}}{% endif %}"),
+        "doc_to_text": (
+            '{% if answer is not none %}{{question+"\\n'
+            + answer_words
+            + '"}}{% else %}{{"'
+            + lang.question
+            + ' "+question+"\\n'
+            + answer_words
+            + '"}}{% endif %}'
+        ),
+        "doc_to_target": (
+            "{% if answer is not none %}{{answer["
+            + str(lang.answer_prefix_length)
+            + ":]}}{% else %}{{answer_number|string}}{% endif %}"
+        ),
         "target_delimiter": TARGET_DELIMITER,
         "generation_kwargs": {"do_sample": False, "until": stop_sequences(lang)},
-        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                         "ignore_case": True, "ignore_punctuation": True}],
-        "filter_list": [
-            {"filter": [{"function": "regex", "regex_pattern": lang.strict_pattern}, {"function": "take_first"}],
-             "name": "strict-match"},
-            {"filter": [{"function": "regex", "group_select": -1, "regex_pattern": FLEXIBLE_PATTERN},
-                        {"function": "take_first"}],
-             "name": "flexible-extract"},
+        "metric_list": [
+            {
+                "metric": "exact_match",
+                "aggregation": "mean",
+                "higher_is_better": True,
+                "ignore_case": True,
+                "ignore_punctuation": True,
+            }
         ],
-        "metadata": {"version": 4.0, "mirrors": f"{lang.lm_eval_task} (lm-eval {LM_EVAL_VERSION})",
-                     "built_for_num_fewshot": shots},
+        "filter_list": [
+            {
+                "filter": [{"function": "regex", "regex_pattern": lang.strict_pattern}, {"function": "take_first"}],
+                "name": "strict-match",
+            },
+            {
+                "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": FLEXIBLE_PATTERN},
+                    {"function": "take_first"},
+                ],
+                "name": "flexible-extract",
+            },
+        ],
+        "metadata": {
+            "version": 4.0,
+            "mirrors": f"{lang.lm_eval_task} (lm-eval {LM_EVAL_VERSION})",
+            "built_for_num_fewshot": shots,
+        },
     }
 
 
-def _header(lang: MgsmLanguage, settings: MgsmSettings, train: Sequence[Dict[str, Any]],
-            test: Sequence[Dict[str, Any]], prompt_chars: int, prompt_tokens: Optional[Tuple[str, int]]) -> str:
+def _header(
+    lang: MgsmLanguage,
+    settings: MgsmSettings,
+    train: Sequence[Dict[str, Any]],
+    test: Sequence[Dict[str, Any]],
+    prompt_chars: int,
+    prompt_tokens: Optional[Tuple[str, int]],
+) -> str:
     fixed = sum(row["origin"] == "fixed" for row in test)
     lines = [
         f"{task_name(lang.code)}: lm-eval's {lang.lm_eval_task} (lm-eval {LM_EVAL_VERSION}: same prompt words,",
@@ -192,8 +244,9 @@ def _jsonl(rows: Sequence[Dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def write_mgsm_task(source, code: str, out_dir: str, settings: MgsmSettings = MgsmSettings(),
-                    tokenizer=None, tokenizer_name: str = "") -> Dict[str, Any]:
+def write_mgsm_task(
+    source, code: str, out_dir: str, settings: MgsmSettings = MgsmSettings(), tokenizer=None, tokenizer_name: str = ""
+) -> Dict[str, Any]:
     """Write the three files for ``code``; returns their paths and the row counts."""
     lang = language(code)
     train, test = train_rows(source, lang, settings), test_rows(source, lang, settings)
@@ -208,26 +261,44 @@ def write_mgsm_task(source, code: str, out_dir: str, settings: MgsmSettings = Mg
     _write_atomically(names["test"], _jsonl(test))
     config = task_config(lang, names["train"], names["test"], settings.shots)
     text = _header(lang, settings, train, test, len(longest), tokens) + yaml.safe_dump(
-        config, sort_keys=False, allow_unicode=True, width=10_000)
+        config, sort_keys=False, allow_unicode=True, width=10_000
+    )
     _write_atomically(names["yaml"], text)
-    return {"task": task_name(code), **names, "train_rows": len(train), "test_rows": len(test),
-            "fixed_rows": sum(row["origin"] == "fixed" for row in test),
-            "prompt_chars": len(longest), "prompt_tokens": tokens[1] if tokens else None}
+    return {
+        "task": task_name(code),
+        **names,
+        "train_rows": len(train),
+        "test_rows": len(test),
+        "fixed_rows": sum(row["origin"] == "fixed" for row in test),
+        "prompt_chars": len(longest),
+        "prompt_tokens": tokens[1] if tokens else None,
+    }
 
 
-def write_mgsm_tasks(source, codes: Sequence[str], out_dir: str, settings: MgsmSettings = MgsmSettings(),
-                     tokenizer=None, tokenizer_name: str = "",
-                     progress: Callable[[str], None] = lambda text: None) -> List[Dict[str, Any]]:
+def write_mgsm_tasks(
+    source,
+    codes: Sequence[str],
+    out_dir: str,
+    settings: MgsmSettings = MgsmSettings(),
+    tokenizer=None,
+    tokenizer_name: str = "",
+    progress: Callable[[str], None] = lambda text: None,
+) -> List[Dict[str, Any]]:
     for code in codes:  # check every language before writing any file
         language(code)
     written = []
     for code in codes:
         written.append(write_mgsm_task(source, code, out_dir, settings, tokenizer, tokenizer_name))
         done = written[-1]
-        progress(f"{code}: {done['test_rows']} test problems ({done['fixed_rows']} fixed instances), "
-                 f"{done['train_rows']} exemplars, longest prompt {done['prompt_chars']} characters"
-                 + (f" / {done['prompt_tokens']} tokens" if done["prompt_tokens"] else "") + f" -> {done['yaml']}")
+        progress(
+            f"{code}: {done['test_rows']} test problems ({done['fixed_rows']} fixed instances), "
+            f"{done['train_rows']} exemplars, longest prompt {done['prompt_chars']} characters"
+            + (f" / {done['prompt_tokens']} tokens" if done["prompt_tokens"] else "")
+            + f" -> {done['yaml']}"
+        )
         if done["test_rows"] < MIN_TEST_ROWS:
-            progress(f"warning: {code} has only {done['test_rows']} test problems: most of its templates are "
-                     "marked ignore upstream, so only their fixed instances are used")
+            progress(
+                f"warning: {code} has only {done['test_rows']} test problems: most of its templates are "
+                "marked ignore upstream, so only their fixed instances are used"
+            )
     return written

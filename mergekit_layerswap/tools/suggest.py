@@ -72,7 +72,7 @@ def _close(a: float, b: float) -> bool:
 def raw_zones(r_language: np.ndarray, r_task: np.ndarray) -> SwapZones:
     """Steps 2-4 of the rule on two relative profiles of equal length."""
     count = len(r_language)
-    led = [bool(r_language[l] > r_task[l]) for l in range(count)]
+    led = [bool(r_language[layer] > r_task[layer]) for layer in range(count)]
     bottom = 0
     while bottom < count and led[bottom]:
         bottom += 1
@@ -122,18 +122,25 @@ def reasoning(suggestion: Suggestion, language_name: str = "language", task_name
     for layer in reversed(range(suggestion.num_layers)):
         lang, task = suggestion.r_language[layer], suggestion.r_task[layer]
         ratio = f"{lang / task:9.2f}" if task > 0 else f"{'inf' if lang > 0 else '-':>9}"
-        lines.append(f"{layer:>5}  {lang:8.3f}  {task:8.3f}  {ratio}  "
-                     f"{suggestion.zone_of(layer, suggestion.raw):<10}  {suggestion.zone_of(layer)}")
+        lines.append(
+            f"{layer:>5}  {lang:8.3f}  {task:8.3f}  {ratio}  "
+            f"{suggestion.zone_of(layer, suggestion.raw):<10}  {suggestion.zone_of(layer)}"
+        )
     raw, zones = suggestion.raw, suggestion.zones
     lines.append(f"language expert: {language_name}; task expert: {task_name}")
-    lines.append("r = mean row MAV of the layer / its mean over all layers; "
-                 f"language-led when r_lang > r_task; transition when within x{CLOSE_FACTOR:g}")
-    lines.append(f"rule:      b={raw.bottom_layers} u={raw.top_layers} "
-                 f"t_b={raw.bottom_transition} t_u={raw.top_transition}")
+    lines.append(
+        "r = mean row MAV of the layer / its mean over all layers; "
+        f"language-led when r_lang > r_task; transition when within x{CLOSE_FACTOR:g}"
+    )
+    lines.append(
+        f"rule:      b={raw.bottom_layers} u={raw.top_layers} t_b={raw.bottom_transition} t_u={raw.top_transition}"
+    )
     for note in suggestion.notes:
         lines.append(f"clipped:   {note}")
-    lines.append(f"suggested: b={zones.bottom_layers} u={zones.top_layers} "
-                 f"t_b={zones.bottom_transition} t_u={zones.top_transition}")
+    lines.append(
+        f"suggested: b={zones.bottom_layers} u={zones.top_layers} "
+        f"t_b={zones.bottom_transition} t_u={zones.top_transition}"
+    )
     if zones.total == suggestion.num_layers:
         lines.append("warning: no layer is left for the task expert")
     return "\n".join(lines)

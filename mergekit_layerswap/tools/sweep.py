@@ -15,14 +15,14 @@ import json
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from mergekit_layerswap.core.layers import SwapZones
+from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import OptionError, RecipeError
+from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, SYMBOLS, ZONE_PARAMETERS
 from mergekit_layerswap.tools.sweep_files import ResultsFile, plot, write_best_recipe
 from mergekit_layerswap.tools.sweep_inputs import check_eval_data, eval_items, sweep_record
 from mergekit_layerswap.tools.sweep_strategy import Grid, Halving, Strategy
 from mergekit_layerswap.tools.sweep_worker import Candidate, SweepWorker
-from mergekit_layerswap.core import METHOD_NAME
 
 BASELINES = ("task-expert", "language-expert", "soup")
 
@@ -81,8 +81,9 @@ class SerialBackend:
         if self._worker is None:
             self._worker = SweepWorker(self.recipe_path, device=self.device, run=self.run)
             if not self._worker.in_memory:
-                self.echo("the experts do not fit in memory: each candidate is merged to a temporary "
-                          "directory (streaming)")
+                self.echo(
+                    "the experts do not fit in memory: each candidate is merged to a temporary directory (streaming)"
+                )
         return self._worker
 
     @property
@@ -113,9 +114,19 @@ def absolute_spec(evaluator):
     return evaluator
 
 
-def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], out_dir: str, evaluator, device: str = "cpu",
-              baselines: bool = True, strategy: Optional[Strategy] = None, ray: Optional[Any] = None,
-              restart: bool = False, echo: Callable[[str], None] = print, quiet: bool = False) -> Dict[str, Any]:
+def run_sweep(
+    recipe_path: str,
+    grid: Dict[str, List[Any]],
+    out_dir: str,
+    evaluator,
+    device: str = "cpu",
+    baselines: bool = True,
+    strategy: Optional[Strategy] = None,
+    ray: Optional[Any] = None,
+    restart: bool = False,
+    echo: Callable[[str], None] = print,
+    quiet: bool = False,
+) -> Dict[str, Any]:
     """Run (or resume) a sweep. ``evaluator`` is an evaluate.Evaluator (or anything with its
     ``spec``, ``limit``, ``with_limit``, ``settings`` and ``__call__(model, tokenizer) -> Score``);
     ``strategy`` is Grid() or Halving(minimum, eta); ``ray`` a sweep_ray.RayOptions, or None to
@@ -140,7 +151,9 @@ def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], out_dir: str, evalua
     resolve_magnitudes(run, device=device, quiet=quiet)
     swaps, skipped = candidates(grid, run.info.num_layers, run.recipe.zones)
     if skipped:
-        echo(f"skipped {len(skipped)} grid points whose zones exceed {run.info.num_layers} layers: {', '.join(skipped)}")
+        echo(
+            f"skipped {len(skipped)} grid points whose zones exceed {run.info.num_layers} layers: {', '.join(skipped)}"
+        )
     extra = [Candidate(name, "baseline") for name in BASELINES] if baselines else []
     problems = eval_items(evaluator, _tokenizer(run)) if isinstance(strategy, Halving) else None
     rungs = strategy.rungs(len(swaps), problems, evaluator.limit)
@@ -174,8 +187,10 @@ def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], out_dir: str, evalua
                     echo(f"{candidate.name}: {score.metric} = {score.value:.6g}{where}{status}")
                     bar.update(1)
                 if not final:
-                    keep = {r["name"] for r in results.ranked(index, [c.name for c in alive])[:rungs[index + 1].candidates]}
-                    bar.total -= (rungs[index + 1].candidates - len(keep))  # failures are not promoted
+                    keep = {
+                        r["name"] for r in results.ranked(index, [c.name for c in alive])[: rungs[index + 1].candidates]
+                    }
+                    bar.total -= rungs[index + 1].candidates - len(keep)  # failures are not promoted
                     bar.refresh()
                     alive = [c for c in alive if c.name in keep]
         final_rung = len(rungs) - 1
@@ -189,11 +204,18 @@ def run_sweep(recipe_path: str, grid: Dict[str, List[Any]], out_dir: str, evalua
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(spent, handle, indent=1)
     if len(rungs) > 1:
-        echo(f"successive halving: {spent['items_spent']} item evaluations for the swap candidates; "
-             f"the full grid would take {spent['items_full_grid']}")
+        echo(
+            f"successive halving: {spent['items_spent']} item evaluations for the swap candidates; "
+            f"the full grid would take {spent['items_full_grid']}"
+        )
     plotted = plot(results, os.path.join(out_dir, "scores.png"))
-    return {"results": results.path, "best": best_score, "plot": plotted, "in_memory": backend.in_memory,
-            "summary": spent}
+    return {
+        "results": results.path,
+        "best": best_score,
+        "plot": plotted,
+        "in_memory": backend.in_memory,
+        "summary": spent,
+    }
 
 
 def _tokenizer(run):
@@ -225,18 +247,22 @@ def summarize(results, rungs, swaps: Sequence[Candidate], strategy) -> Dict[str,
     per_rung = []
     for index, rung in enumerate(rungs):
         rows = [r for (n, i), r in results.rows.items() if i == index and n in names]
-        per_rung.append({"rung": index, "limit": rung.limit, "candidates": len(rows),
-                         "items": sum(int(r["count"]) for r in rows)})
+        per_rung.append(
+            {"rung": index, "limit": rung.limit, "candidates": len(rows), "items": sum(int(r["count"]) for r in rows)}
+        )
     final_rows = [r for (n, i), r in results.rows.items() if i == len(rungs) - 1]
     full_items = int(final_rows[0]["count"]) if final_rows else None
     stopped = {}
     for (n, i), _row in results.rows.items():
         if n in names:
             stopped[n] = max(stopped.get(n, 0), i)
-    return {"strategy": strategy.name, "rungs": per_rung,
-            "items_spent": sum(r["items"] for r in per_rung),
-            "items_full_grid": None if full_items is None else full_items * len(swaps),
-            "stopped_at_rung": stopped}
+    return {
+        "strategy": strategy.name,
+        "rungs": per_rung,
+        "items_spent": sum(r["items"] for r in per_rung),
+        "items_full_grid": None if full_items is None else full_items * len(swaps),
+        "stopped_at_rung": stopped,
+    }
 
 
 __all__ = ["run_sweep", "parse_grid", "candidates", "Candidate", "SweepWorker", "Grid", "Halving"]

@@ -14,8 +14,19 @@ import yaml
 from mergekit_layerswap.core.parameters import SWEEPABLE, ZONE_PARAMETERS
 from mergekit_layerswap.tools.sweep_inputs import check_resume, is_finite
 
-FIELDS = ["name", "kind", *SWEEPABLE, "rung", "limit", "metric", "score", "stderr", "count", "higher_is_better",
-          "status"]
+FIELDS = [
+    "name",
+    "kind",
+    *SWEEPABLE,
+    "rung",
+    "limit",
+    "metric",
+    "score",
+    "stderr",
+    "count",
+    "higher_is_better",
+    "status",
+]
 # every file a sweep writes into its --out directory (and all that --restart removes)
 SWEEP_FILES = ("results.csv", "sweep.json", "summary.json", "best.yaml", "best_fingerprint.json", "scores.png")
 OK = "ok"
@@ -55,13 +66,19 @@ class ResultsFile:
     def add(self, candidate, score, rung: int = 0, limit: Optional[int] = None) -> Dict[str, str]:
         """Append one evaluation of a candidate (a sweep.Candidate) with its evaluate.Score;
         a non-finite score is kept as a failure, never ranked."""
-        row = {"name": candidate.name, "kind": candidate.kind,
-               **{k: candidate.parameters.get(k, "") for k in SWEEPABLE},
-               "rung": rung, "limit": "" if limit is None else limit,
-               "metric": score.metric, "score": repr(float(score.value)),
-               "stderr": "" if score.stderr is None else repr(score.stderr), "count": score.count,
-               "higher_is_better": score.higher_is_better,
-               "status": OK if is_finite(score.value) else NON_FINITE}
+        row = {
+            "name": candidate.name,
+            "kind": candidate.kind,
+            **{k: candidate.parameters.get(k, "") for k in SWEEPABLE},
+            "rung": rung,
+            "limit": "" if limit is None else limit,
+            "metric": score.metric,
+            "score": repr(float(score.value)),
+            "stderr": "" if score.stderr is None else repr(score.stderr),
+            "count": score.count,
+            "higher_is_better": score.higher_is_better,
+            "status": OK if is_finite(score.value) else NON_FINITE,
+        }
         new_file = not os.path.exists(self.path)
         with open(self.path, "a", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, fieldnames=FIELDS)
@@ -106,8 +123,10 @@ def write_best_recipe(recipe_path: str, row: Dict[str, Any], out_path: str) -> N
         if row.get(name, "") != "":
             parameters[name] = int(row[name]) if name in ZONE_PARAMETERS else row[name]
     data["parameters"] = parameters
-    header = (f"# best of a layer_swap sweep: {row['name']} with {row['metric']} = {float(row['score']):.6g}"
-              f" over {row['count']} items\n")
+    header = (
+        f"# best of a layer_swap sweep: {row['name']} with {row['metric']} = {float(row['score']):.6g}"
+        f" over {row['count']} items\n"
+    )
     with open(out_path, "w", encoding="utf-8") as handle:
         handle.write(header + yaml.safe_dump(data, sort_keys=False))
 

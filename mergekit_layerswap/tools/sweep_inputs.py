@@ -22,13 +22,28 @@ from mergekit_layerswap.core.errors import DataError, OptionError
 FORMAT = 2
 # files a model's weights and shapes come from; tokenizer files do not change a score's
 # weights but do change its text, so they are recorded too
-MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".index.json", "config.json", "tokenizer.json",
-                       "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+MODEL_FILE_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".index.json",
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+)
 # words for the keys of sweep.json in the refusal message
 WHAT = {
-    "format": "the sweep file format", "recipe": "the recipe text", "models": "the models' weight files",
-    "evaluator": "the evaluator settings", "eval_data": "the eval file's contents", "limit": "--limit",
-    "strategy": "the strategy or its rung schedule", "grid": "the grid", "baselines": "--baselines",
+    "format": "the sweep file format",
+    "recipe": "the recipe text",
+    "models": "the models' weight files",
+    "evaluator": "the evaluator settings",
+    "eval_data": "the eval file's contents",
+    "limit": "--limit",
+    "strategy": "the strategy or its rung schedule",
+    "grid": "the grid",
+    "baselines": "--baselines",
     "device": "the device",
 }
 
@@ -79,8 +94,15 @@ def eval_data_fingerprint(evaluator) -> Dict[str, str]:
     return out
 
 
-def sweep_record(recipe_path: str, models: List[Any], evaluator, strategy: Dict[str, Any],
-                 grid: Dict[str, List[Any]], baselines: bool, device: str) -> Dict[str, Any]:
+def sweep_record(
+    recipe_path: str,
+    models: List[Any],
+    evaluator,
+    strategy: Dict[str, Any],
+    grid: Dict[str, List[Any]],
+    baselines: bool,
+    device: str,
+) -> Dict[str, Any]:
     """The contents of sweep.json: everything a row of results.csv depends on."""
     with open(recipe_path, encoding="utf-8") as handle:
         recipe_text = handle.read()
@@ -110,8 +132,11 @@ def differences(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
                 if before is None:
                     changed.append(f"model {model} is new")
                 elif before != files:
-                    names = sorted(n for n in set(files["files"]) | set(before.get("files", {}))
-                                   if files["files"].get(n) != before.get("files", {}).get(n))
+                    names = sorted(
+                        n
+                        for n in set(files["files"]) | set(before.get("files", {}))
+                        if files["files"].get(n) != before.get("files", {}).get(n)
+                    )
                     changed.append(f"the weight files of {model} changed ({', '.join(names) or 'path'})")
             changed += [f"model {m} is gone" for m in old[key] if m not in new[key]]
         else:
@@ -134,7 +159,9 @@ def check_resume(path: str, record: Dict[str, Any], out_option: str = "--out") -
     if changed:
         raise OptionError(
             f"{os.path.dirname(path) or '.'} holds results of a different sweep ({'; '.join(changed)}); "
-            "add --restart to start over, or use a new --out directory", out_option)
+            "add --restart to start over, or use a new --out directory",
+            out_option,
+        )
 
 
 def check_eval_data(evaluator) -> None:
@@ -152,8 +179,7 @@ def eval_items(evaluator, tokenizer=None) -> Optional[int]:
 
         problems = read_problems(argument)
         if not problems:
-            raise DataError(f"{argument} has no problems; write one JSON object per line with "
-                            "'question' and 'answer'")
+            raise DataError(f"{argument} has no problems; write one JSON object per line with 'question' and 'answer'")
         count = len(problems)
         return count if evaluator.limit is None else min(count, evaluator.limit)
     if kind == "perplexity":

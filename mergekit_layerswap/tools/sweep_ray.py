@@ -21,8 +21,14 @@ from mergekit_layerswap.core.errors import LayerSwapError, OptionError
 INSTALL_HINT = "--ray needs Ray, which is not installed: pip install 'mergekit-layerswap[ray]'"
 LOCAL = "local"
 # environment a worker on another machine needs to find and treat files as this driver does
-FORWARDED_ENV = ("MERGEKIT_LAYERSWAP_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
-                 "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE")
+FORWARDED_ENV = (
+    "MERGEKIT_LAYERSWAP_CACHE",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HOME",
+    "HF_DATASETS_OFFLINE",
+    "HF_DATASETS_CACHE",
+)
 
 
 @dataclass(frozen=True)
@@ -53,8 +59,15 @@ def _unwrap(ray, error: Exception) -> Exception:
 class RayBackend:
     """Candidates evaluated on Ray actors, results yielded in the order they finish."""
 
-    def __init__(self, options: RayOptions, recipe_path: str, run, device: str,
-                 echo: Callable[[str], None] = print, quiet: bool = False):
+    def __init__(
+        self,
+        options: RayOptions,
+        recipe_path: str,
+        run,
+        device: str,
+        echo: Callable[[str], None] = print,
+        quiet: bool = False,
+    ):
         self.options, self.recipe_path, self.run, self.device, self.echo = options, recipe_path, run, device, echo
         self.ray = require_ray()
         self.actors: list = []
@@ -66,8 +79,7 @@ class RayBackend:
         ray, options = self.ray, self.options
         if ray.is_initialized():
             return  # a caller's own ray.init(): use that cluster, leave it running
-        common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING",
-                      configure_logging=True)
+        common = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING", configure_logging=True)
         if options.address == LOCAL:
             cpus = os.cpu_count() or 1
             if options.workers is not None and self.device != "cuda":
@@ -77,15 +89,16 @@ class RayBackend:
                 import torch
 
                 gpus = torch.cuda.device_count()
-            ray.init(num_cpus=cpus, num_gpus=gpus, object_store_memory=options.object_store_mb * 1024 * 1024,
-                     **common)
+            ray.init(num_cpus=cpus, num_gpus=gpus, object_store_memory=options.object_store_mb * 1024 * 1024, **common)
         else:
             env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
             try:
                 ray.init(address=options.address, runtime_env={"env_vars": env} if env else None, **common)
             except (ConnectionError, RuntimeError, ValueError) as error:
-                raise OptionError(f"cannot connect to the Ray cluster at {options.address}: "
-                                  f"{' '.join(str(error).split())[:200]}", "--ray") from None
+                raise OptionError(
+                    f"cannot connect to the Ray cluster at {options.address}: {' '.join(str(error).split())[:200]}",
+                    "--ray",
+                ) from None
         self._started_cluster = True
 
     def _worker_count(self) -> Tuple[int, Dict[str, float]]:
@@ -100,9 +113,11 @@ class RayBackend:
             unit = f"groups of {self.options.cpus_per_worker} CPUs"
         workers = self.options.workers if self.options.workers is not None else max(available, 1)
         if workers > available:
-            raise OptionError(f"the Ray cluster has {available} {unit} for {workers} workers; ask for fewer "
-                              "workers (--ray-workers) or fewer cores each (--ray-cpus-per-worker)",
-                              "--ray-workers")
+            raise OptionError(
+                f"the Ray cluster has {available} {unit} for {workers} workers; ask for fewer "
+                "workers (--ray-workers) or fewer cores each (--ray-cpus-per-worker)",
+                "--ray-workers",
+            )
         return workers, per_worker
 
     def _start(self) -> None:
@@ -113,18 +128,25 @@ class RayBackend:
         remote = self.ray.remote(SweepWorker).options(**per_worker)
         magnitudes = {str(m): stat for m, stat in self.run.magnitudes.items()}
         threads = self.options.cpus_per_worker if self.device != "cuda" else None
-        self.actors = [remote.remote(self.recipe_path, device=self.device, magnitudes=magnitudes,
-                                     torch_threads=threads, cwd=os.getcwd()) for _ in range(count)]
+        self.actors = [
+            remote.remote(
+                self.recipe_path, device=self.device, magnitudes=magnitudes, torch_threads=threads, cwd=os.getcwd()
+            )
+            for _ in range(count)
+        ]
         try:
             fits = self.ray.get([a.fits_in_memory.remote() for a in self.actors])
         except Exception as error:  # an actor that could not load the experts
             raise _unwrap(self.ray, error) from None
         self.in_memory = all(fits)
         if not self.in_memory:
-            self.echo("the experts do not fit in a worker's memory: each candidate is merged to a temporary "
-                      "directory (streaming)")
-        self.echo(f"Ray: {count} workers ({'1 GPU' if self.device == 'cuda' else str(per_worker['num_cpus']) + ' CPUs'}"
-                  " each)")
+            self.echo(
+                "the experts do not fit in a worker's memory: each candidate is merged to a temporary "
+                "directory (streaming)"
+            )
+        self.echo(
+            f"Ray: {count} workers ({'1 GPU' if self.device == 'cuda' else str(per_worker['num_cpus']) + ' CPUs'} each)"
+        )
 
     # ------------------------------------------------------------------ work
     def evaluate_all(self, jobs: Sequence[Any], evaluator) -> Iterator[Tuple[Any, Any]]:

@@ -38,9 +38,17 @@ def baseline_recipe(recipe, name: str, num_layers: int):
     if name == "soup":
         half = num_layers // 2
         zones = SwapZones(0, 0, half, num_layers - half)
-        return dataclasses.replace(recipe, zones=zones, weighting="uniform", non_layer="average",
-                                   transition_shape="flat", blend_method="average", blend_options=(), blend_needs_base=False,
-                                   experts=tuple(dataclasses.replace(e, weight=1.0) for e in recipe.experts))
+        return dataclasses.replace(
+            recipe,
+            zones=zones,
+            weighting="uniform",
+            non_layer="average",
+            transition_shape="flat",
+            blend_method="average",
+            blend_options=(),
+            blend_needs_base=False,
+            experts=tuple(dataclasses.replace(e, weight=1.0) for e in recipe.experts),
+        )
     role = "task" if name == "task-expert" else "language"
     zones = SwapZones(num_layers, 0, 0, 0) if role == "language" else SwapZones(0, 0, 0, 0)
     return dataclasses.replace(recipe, zones=zones, non_layer=role)
@@ -67,8 +75,11 @@ def experts_fit_in_memory(run, factor: float = 2.5) -> bool:
 
 
 def candidate_recipe(run, candidate: Candidate):
-    return (variant(run.recipe, candidate.parameters) if candidate.kind == "swap"
-            else baseline_recipe(run.recipe, candidate.name, run.info.num_layers))
+    return (
+        variant(run.recipe, candidate.parameters)
+        if candidate.kind == "swap"
+        else baseline_recipe(run.recipe, candidate.name, run.info.num_layers)
+    )
 
 
 class SweepWorker:
@@ -77,11 +88,18 @@ class SweepWorker:
     evaluates it. The serial sweep uses one in its own process; ``--ray`` runs one per Ray
     actor, so both paths build candidates the same way."""
 
-    def __init__(self, recipe_path: str, device: str = "cpu", magnitudes: Optional[Dict[str, Any]] = None,
-                 run=None, torch_threads: Optional[int] = None, cwd: Optional[str] = None):
+    def __init__(
+        self,
+        recipe_path: str,
+        device: str = "cpu",
+        magnitudes: Optional[Dict[str, Any]] = None,
+        run=None,
+        torch_threads: Optional[int] = None,
+        cwd: Optional[str] = None,
+    ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
         from mergekit.io.tasks import LoaderCache
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from mergekit_layerswap.adapter.planner import prepare
         from mergekit_layerswap.tools.assemble import LoadedExperts
@@ -96,8 +114,9 @@ class SweepWorker:
             run = prepare(self.config)
             run.magnitudes.update({m: magnitudes[str(m)] for m in run.recipe.models if str(m) in (magnitudes or {})})
         self.run = run
-        self.torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(self.config.dtype or "",
-                                                                                     torch.float32)
+        self.torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+            self.config.dtype or "", torch.float32
+        )
         donor_path = LoaderCache().get(run.recipe.donor).index.base_path
         self.tokenizer = AutoTokenizer.from_pretrained(donor_path)
         self.in_memory = experts_fit_in_memory(run)
@@ -114,8 +133,9 @@ class SweepWorker:
 
     def evaluate(self, candidate: Candidate, evaluator) -> Any:
         state = self.state(candidate)
-        missing, unexpected = self.model.load_state_dict({k: v.to(self.torch_dtype) for k, v in state.items()},
-                                                         strict=False)
+        missing, unexpected = self.model.load_state_dict(
+            {k: v.to(self.torch_dtype) for k, v in state.items()}, strict=False
+        )
         if unexpected:
             raise RuntimeError(f"candidate tensors the model does not have: {unexpected[:3]}")
         del state
@@ -138,10 +158,14 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
     data = {
         "merge_method": METHOD_NAME,
         "models": [{"model": str(e.model), "parameters": {"role": e.role, "weight": e.weight}} for e in recipe.experts],
-        "parameters": {**dataclasses.asdict(recipe.zones), "weighting": recipe.weighting,
-                       "non_layer": recipe.non_layer, "transition_shape": recipe.transition_shape,
-                       "blend_method": recipe.blend_method,
-                       **{f"blend_{k}": v for k, v in recipe.blend_options}},
+        "parameters": {
+            **dataclasses.asdict(recipe.zones),
+            "weighting": recipe.weighting,
+            "non_layer": recipe.non_layer,
+            "transition_shape": recipe.transition_shape,
+            "blend_method": recipe.blend_method,
+            **{f"blend_{k}": v for k, v in recipe.blend_options},
+        },
         "dtype": config.dtype,
         "out_dtype": config.out_dtype,
     }
@@ -151,8 +175,11 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
 
     out = tempfile.mkdtemp(prefix="layerswap-candidate-")
     try:
-        run_merge(MergeConfiguration.model_validate(data), out,
-                  MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False))
+        run_merge(
+            MergeConfiguration.model_validate(data),
+            out,
+            MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
+        )
         state = {}
         for name in sorted(os.listdir(out)):
             if name.endswith(".safetensors"):
