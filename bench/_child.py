@@ -4,13 +4,13 @@
     python bench/_child.py copy  REPORT.json SRC_DIR DST_DIR
     python bench/_child.py read  REPORT.json DIR...
 
-``merge`` imports ``mergekit.scripts.run_yaml`` (which is all the ``mergekit-yaml``
-console script does, so the .pth hook and every import are the same as for the real
-command), takes a timestamp, and calls its ``main``; ``copy`` copies a model's
-``*.safetensors`` files with ``shutil.copyfile``; ``read`` reads every ``*.safetensors``
-file of the given models once (what the cold magnitude pass must read). REPORT.json receives the seconds spent
-before the job (interpreter start-up is not included: it is before this file runs),
-the seconds of the job itself, and VmHWM / RssAnon from /proc/self/status at the end.
+``merge`` imports ``mergekit.scripts.run_yaml`` (which is all the ``mergekit-yaml`` console script
+does, so the .pth hook and every import are the same as for the real command), takes a timestamp,
+and calls its ``main``; ``copy`` copies a model's ``*.safetensors`` files with ``shutil.copyfile``
+and fsyncs each (as a layer_swap merge does); ``read`` reads every ``*.safetensors`` file of the
+given models once (what the cold magnitude pass must read). REPORT.json receives the seconds spent
+before the job (interpreter start-up is not included: it is before this file runs), the seconds of
+the job itself, and VmHWM / RssAnon from /proc/self/status at the end.
 """
 
 import json
@@ -42,6 +42,10 @@ elif mode == "copy":
     for name in sorted(os.listdir(src)):
         if name.endswith(".safetensors"):
             shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+            # a layer_swap merge fsyncs its files before swapping them into place
+            # (adapter/output.py), so the copy baseline does too
+            with open(os.path.join(dst, name), "rb") as handle:
+                os.fsync(handle.fileno())
     t1 = time.perf_counter()
 elif mode == "read":
     after_imports = {}
