@@ -212,3 +212,17 @@ def test_bad_eval_and_reused_out_dir(setup, tmp_path):
     )
     assert other.exit_code != 0 and "different sweep (the grid changed; --baselines changed)" in other.output
     assert "--restart" in other.output and len(other.output.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sweep_on_the_gpu_scores_like_the_cpu(setup, tmp_path):
+    """--cuda evaluates (and computes magnitude statistics) on the GPU: same candidates, the
+    same perplexities up to float32 rounding on another device."""
+    fam, recipe, text = setup
+    grid = {"bottom_layers": [1, 2]}
+    _run(recipe, tmp_path / "cpu", text, grid=grid, baselines=False)
+    _run(recipe, tmp_path / "gpu", text, grid=grid, baselines=False, device="cuda")
+    cpu, gpu = _rows(tmp_path / "cpu"), _rows(tmp_path / "gpu")
+    assert [r["name"] for r in cpu] == [r["name"] for r in gpu]
+    for a, b in zip(cpu, gpu):
+        assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-3)
