@@ -165,6 +165,7 @@ def test_record_names_every_input(families, tmp_path):
         "mtime_ns": stat.st_mtime_ns,
         "inode": stat.st_ino,
         "ctime_ns": stat.st_ctime_ns,
+        "device": stat.st_dev,
     }
     assert "config.json" in task_files
     assert record["evaluator"]["spec"] == f"perplexity:{ws.text}" and record["limit"] == 3

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.files import atomic_file, file_identity
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: inode, ctime and device in the key
@@ -57,8 +58,7 @@ def _identity(model, local_path: str) -> dict:
     files = []
     for name in sorted(os.listdir(local_path)):
         if name.endswith(WEIGHT_SUFFIXES):
-            stat = os.stat(os.path.join(local_path, name))
-            files.append([name, stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns, stat.st_dev])
+            files.append([name, file_identity(os.path.join(local_path, name))])
     return {"model": str(model), "path": os.path.abspath(local_path), "files": files}
 
 
@@ -261,18 +261,12 @@ def _store(expert, base, stat: MagnitudeStat) -> None:
     if not cache_enabled():
         return
     path = _cache_file(expert, base)
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with atomic_file(path) as handle:
             json.dump(asdict(stat), handle)
-        os.replace(tmp, path)
     except OSError as error:
         LOG.warning("magnitude cache %s cannot be written (%s); the statistic is not cached", path, error)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
 
 
 def magnitudes(experts: Sequence, base, device: str = "cpu", quiet: bool = True) -> Dict[object, MagnitudeStat]:

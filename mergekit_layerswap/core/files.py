@@ -28,6 +28,19 @@ def atomic_write_text(path: str, text: str, newline=None) -> None:
         handle.write(text)
 
 
+def file_identity(path: str) -> dict:
+    """What changes whenever a file's content may have changed: size and mtime, and also the
+    inode, ctime and device, which ``utime`` cannot set back and a copy over it changes."""
+    stat = os.stat(path)
+    return {
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
+        "ctime_ns": stat.st_ctime_ns,
+        "device": stat.st_dev,
+    }
+
+
 def looks_like_hub_id(path: str) -> bool:
     """``org/name`` that is not a local path: what mergekit would look up on the Hub."""
     return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))

@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
 from mergekit_layerswap.core.errors import DataError
+from mergekit_layerswap.core.files import atomic_write_text
 from mergekit_layerswap.core.mgsm import (
     FLEXIBLE_PATTERN,
     LM_EVAL_VERSION,
@@ -232,14 +232,6 @@ def _header(
     return "".join(f"# {line}\n" for line in lines)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    handle, scratch = tempfile.mkstemp(dir=folder, prefix=".partial-")
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(scratch, path)
-
-
 def _jsonl(rows: Sequence[Dict[str, Any]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
@@ -257,13 +249,13 @@ def write_mgsm_task(
     tokens = (tokenizer_name, len(tokenizer(longest, add_special_tokens=False)["input_ids"])) if tokenizer else None
     os.makedirs(out_dir, exist_ok=True)
     names = {k: os.path.join(os.path.abspath(out_dir), v) for k, v in file_names(code).items()}
-    _write_atomically(names["train"], _jsonl(train))
-    _write_atomically(names["test"], _jsonl(test))
+    atomic_write_text(names["train"], _jsonl(train))
+    atomic_write_text(names["test"], _jsonl(test))
     config = task_config(lang, names["train"], names["test"], settings.shots)
     text = _header(lang, settings, train, test, len(longest), tokens) + yaml.safe_dump(
         config, sort_keys=False, allow_unicode=True, width=10_000
     )
-    _write_atomically(names["yaml"], text)
+    atomic_write_text(names["yaml"], text)
     return {
         "task": task_name(code),
         **names,

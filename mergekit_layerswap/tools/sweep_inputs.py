@@ -18,6 +18,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mergekit_layerswap.core.errors import DataError, OptionError
+from mergekit_layerswap.core.files import file_identity
 
 FORMAT = 2
 # files a model's weights and shapes come from; tokenizer files do not change a score's
@@ -54,11 +55,6 @@ def sha256_file(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def file_identity(path: str) -> Dict[str, int]:
-    stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino, "ctime_ns": stat.st_ctime_ns}
 
 
 def model_files(model) -> Dict[str, Any]:
