@@ -178,9 +178,10 @@ def find_stored(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str
 
 def check_tensors(
     recipe: SwapRecipe, info: ModelsInfo, tokenizer_configured: bool, dtype_configured: bool = True
-) -> None:
+) -> Dict[Any, Dict[str, Tuple[Tuple[int, ...], str]]]:
     """Every tensor the output needs exists in every expert with matching shapes (and,
-    without ``dtype:``, the same floating dtypes)."""
+    without ``dtype:``, the same floating dtypes). Returns each model's stored tensors
+    (name -> shape, dtype), read from the headers once, for the checks that follow."""
     experts = recipe.models
     stored = {model: stored_tensors(model) for model in _all_models(recipe)}
     if not dtype_configured:
@@ -233,6 +234,7 @@ def check_tensors(
             raise RecipeError(
                 f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes of one base model"
             )
+    return stored
 
 
 def _differ_beyond(shapes: Dict[Any, Tuple[int, ...]], axis: int) -> bool:

@@ -165,13 +165,13 @@ def _normalize_config(original):
         run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
         original(self)
-        check_tensors(
+        stored = check_tensors(
             run.recipe,
             run.info,
             tokenizer_configured=configured_tokenizer,
             dtype_configured=self.config.dtype is not None,
         )
-        run.integers = trust.integer_tensors(run.recipe.models)
+        run.integers = trust.integer_tensors(run.recipe.models, stored)
         trust.check_blended_integers(run.recipe, run.info, run.integers)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
         resolve_magnitudes(run, device=device or "cpu", quiet=self.options.quiet)

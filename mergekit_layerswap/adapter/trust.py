@@ -122,14 +122,12 @@ def is_integer_dtype(stored_dtype: str) -> bool:
     return name.startswith(("I", "U", "BOOL"))
 
 
-def integer_tensors(models) -> dict:
-    """Stored tensor name -> dtype, for every integer tensor any of ``models`` stores
-    (from file headers only)."""
-    from mergekit_layerswap.adapter.checks import stored_tensors
-
+def integer_tensors(models, stored: dict) -> dict:
+    """Stored tensor name -> dtype, for every integer tensor any of ``models`` stores;
+    ``stored`` maps each model to its stored tensors (``checks.check_tensors`` returns it)."""
     found = {}
     for model in models:
-        for name, (_shape, dtype) in stored_tensors(model).items():
+        for name, (_shape, dtype) in stored[model].items():
             if is_integer_dtype(dtype):
                 found.setdefault(name, dtype)
     return found
