@@ -29,8 +29,10 @@ import errno
 import fnmatch
 import logging
 import os
+import queue
 import re
 import shutil
+import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import OutputError
@@ -332,6 +334,53 @@ def exchange(new: str, target: str) -> bool:
     if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False  # kernel or filesystem without RENAME_EXCHANGE
     raise OSError(code, os.strerror(code), target)
+
+
+def start_writeback(path: str) -> None:
+    """Ask the kernel to write a finished shard now and to drop its pages once written.
+    Left to itself it keeps gigabytes of dirty output in the page cache, then throttles
+    the writer and flushes in ``_fsync_tree``: 6.4 GB in 500 MB files took 15-18 s that
+    way and 5.5-7 s with this hint on the bench machine (docs/performance.md). The call
+    waits while the disk takes the data, so ``Writeback`` makes it on its own thread. A
+    hint only: a write error still surfaces at the fsync."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        advise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class Writeback:
+    """``start_writeback`` for each finished shard, in order, on one background thread,
+    so the merge goes on while the disk writes. ``close`` waits for the thread."""
+
+    def __init__(self) -> None:
+        self._paths: "queue.Queue[Optional[str]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, path: str) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="layerswap-writeback", daemon=True)
+            self._thread.start()
+        self._paths.put(path)
+
+    def _run(self) -> None:
+        while (path := self._paths.get()) is not None:
+            start_writeback(path)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._paths.put(None)
+            self._thread.join()
+            self._thread = None
 
 
 def _fsync_tree(path: str) -> None:

@@ -29,6 +29,12 @@ for ``merge_method: layer_swap`` recipes and nothing for any other method:
   the first stage runs;
 * ``mergekit.merge.run_merge`` - the output never overlaps an input, is built in a
   temporary sibling and swapped into place when complete (``output.py``);
+* ``mergekit.graph.Executor._run`` - while a layer_swap merge runs, a thread reads the
+  input tensors its schedule will load a bounded distance ahead (``readahead.py``); it
+  only warms the page cache, mergekit still loads every value itself;
+* ``mergekit.io.tensor_writer.TensorWriter._write_shard_task`` - each finished shard of a
+  layer_swap merge is handed to the kernel's writeback at once (``output.start_writeback``);
+  the bytes are mergekit's own;
 * ``mergekit.scripts.multimerge.MergeModelTask.execute`` - the lazy mode skips a
   layer_swap stage only when its stored ``mergekit_config.yml`` is this stage.
 
@@ -316,6 +322,11 @@ def on_merge(merge_module) -> None:
     card_module = sys.modules["mergekit.card"]
     _require(card_module, None, ("is_hf",))
     wrap(card_module, "is_hf", _local_paths_are_local)
+    _require(merge_module.Executor, None, ("_run",))
+    wrap(merge_module.Executor, "_run", _reading_ahead)
+    writer_class = sys.modules["mergekit.io.tensor_writer"].TensorWriter
+    _require(writer_class, None, ("_write_shard_task",))
+    wrap(writer_class, "_write_shard_task", _writing_back)
 
 
 def _validating_architecture_info(original):
@@ -358,11 +369,80 @@ def _atomic_run_merge(original):
     def run_merge(merge_config, out_path, options, config_source=None, **kwargs):
         if not is_layer_swap(merge_config):
             return original(merge_config, out_path, options, config_source, **kwargs)
-        from mergekit_layerswap.adapter.output import run_atomically
+        from mergekit_layerswap.adapter.output import Writeback, run_atomically
 
-        return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
+        global _WRITEBACK
+        outer, _WRITEBACK = _WRITEBACK, Writeback()
+        try:
+            return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
+        finally:
+            _WRITEBACK.close()
+            _WRITEBACK = outer
 
     return run_merge
+
+
+# set while a layer_swap run_merge executes: its executor reads ahead, its writer hands
+# each finished shard to this
+_WRITEBACK = None
+
+
+def _reading_ahead(original):
+    def _run(self, *args, **kwargs):
+        if _WRITEBACK is None:
+            yield from original(self, *args, **kwargs)
+            return
+        from mergekit_layerswap.adapter.readahead import Readahead
+
+        step_of = {handle: step for step, handle in enumerate(self.schedule.tasks)}
+        with Readahead(_load_ranges(self.schedule.tasks, self.targets)) as readahead:
+            for handle, value in original(self, *args, **kwargs):
+                readahead.reached(step_of.get(handle, -1))  # every earlier task has run
+                yield handle, value
+
+    return _run
+
+
+def _writing_back(original):
+    def _write_shard_task(self, shard_data, shard_index, shard_path, *args, **kwargs):
+        original(self, shard_data, shard_index, shard_path, *args, **kwargs)
+        if _WRITEBACK is not None:
+            _WRITEBACK.submit(shard_path)
+
+    return _write_shard_task
+
+
+def _load_ranges(schedule, targets):
+    """(step, path, offset, bytes) of every safetensors tensor a LoadTensor task of the
+    schedule reads (named as ``LoadTensor._resolve_name`` resolves it), at the step of the
+    first target that needs it: mergekit's loader only maps a file, so the bytes are
+    touched when the tensor is blended or written, not when it is "loaded"."""
+    from mergekit.io.tasks import LoaderCache, LoadTensor
+
+    from mergekit_layerswap.adapter.readahead import SafetensorsOffsets, tensor_range
+
+    offsets = SafetensorsOffsets()
+    targets = set(targets)
+    seen = set()
+    ranges = []
+    for step, handle in enumerate(schedule):
+        if handle not in targets:
+            continue
+        pending = [handle]
+        while pending:
+            current = pending.pop()
+            if current in seen:
+                continue
+            seen.add(current)
+            task = current.task()
+            if isinstance(task, LoadTensor):
+                names = [task.tensor, *(task.aliases or ()), *(task.tied_names or ())]
+                where = tensor_range(offsets, LoaderCache().get(task.model).index, names)
+                if where is not None:
+                    ranges.append((step, *where))
+            else:
+                pending.extend(current.arguments().values())
+    return ranges
 
 
 def _local_paths_are_local(original):
