@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import merge, swap_recipe
+from helpers import merge, refused, swap_recipe
 from safetensors import safe_open
 
 import mergekit_layerswap.adapter.output as output
@@ -72,6 +72,17 @@ def test_stop_ends_a_waiting_thread_and_zero_turns_it_off(tmp_path, monkeypatch)
     with readahead.Readahead([(0, a, 0, 50_000)]) as off:
         assert off._thread is None
     assert off.bytes_read == 0
+
+
+@pytest.mark.parametrize("value", ["lots", "-5", "nan"])
+def test_a_bad_window_is_refused_in_one_line_before_anything_is_written(families, tmp_path, monkeypatch, value):
+    family = families("llama")
+    # this recipe has a second fault (its base_model is an expert) that later checks would
+    # report: the window must be the first thing refused
+    recipe = swap_recipe(family, bottom_layers=2, top_layers=2, weighting="magnitude")
+    recipe["base_model"] = family.task
+    monkeypatch.setenv(readahead.WINDOW_ENV, value)
+    refused(tmp_path, recipe, readahead.WINDOW_ENV, "0 to turn")
 
 
 def test_unreadable_files_are_left_to_the_merge(tmp_path):

@@ -19,9 +19,12 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import os
 import threading
 from typing import Dict, Iterable, List, Optional, Tuple
+
+from mergekit_layerswap.core.errors import OptionError
 
 LOG = logging.getLogger(__name__)
 WINDOW_ENV = "MERGEKIT_LAYERSWAP_READAHEAD_MB"
@@ -33,13 +36,20 @@ Range = Tuple[int, str, int, int]
 
 
 def window_bytes() -> int:
+    """The window from ``MERGEKIT_LAYERSWAP_READAHEAD_MB`` (default 1024 MB; 0 = off)."""
     value = os.environ.get(WINDOW_ENV, "").strip()
+    if not value:
+        return DEFAULT_WINDOW_MB << 20
     try:
-        megabytes = float(value) if value else DEFAULT_WINDOW_MB
+        megabytes = float(value)
     except ValueError:
-        LOG.warning("%s=%r is not a number of megabytes; using %d", WINDOW_ENV, value, DEFAULT_WINDOW_MB)
-        megabytes = DEFAULT_WINDOW_MB
-    return max(0, int(megabytes * (1 << 20)))
+        megabytes = math.nan
+    if not math.isfinite(megabytes) or megabytes < 0:
+        raise OptionError(
+            f"{WINDOW_ENV}={value!r} is not a number of megabytes; set it to a size such as "
+            f"{DEFAULT_WINDOW_MB}, or 0 to turn reading ahead off"
+        )
+    return int(megabytes * (1 << 20))
 
 
 class Readahead:
