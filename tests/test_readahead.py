@@ -93,6 +93,19 @@ def test_unreadable_files_are_left_to_the_merge(tmp_path):
     assert ahead.bytes_read == 0  # stopped quietly at the first error: only a hint
 
 
+def test_the_pread_fallback_reads_the_same_bytes(tmp_path):
+    (a,) = _files(tmp_path, 1, 5_000)
+    fd = os.open(a, os.O_RDONLY)
+    try:
+        warmer = readahead._Warmer()
+        assert warmer.warm(fd, 1_000, 3_000) == 3_000  # sendfile to /dev/null
+        warmer.close()  # as when the kernel refuses sendfile
+        assert warmer.warm(fd, 4_000, 3_000) == 1_000  # pread: only 1 kB left in the file
+        assert warmer.warm(fd, 5_000, 10) == 0
+    finally:
+        os.close(fd)
+
+
 def test_safetensors_offsets_point_at_each_tensors_bytes(tmp_path):
     from safetensors.torch import save_file
 

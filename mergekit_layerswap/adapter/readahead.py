@@ -24,7 +24,8 @@ import os
 import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from mergekit_layerswap.core.errors import OptionError
+from mergekit_layerswap.adapter.weight_files import read_safetensors_header
+from mergekit_layerswap.core.errors import LayerSwapError, OptionError
 
 LOG = logging.getLogger(__name__)
 WINDOW_ENV = "MERGEKIT_LAYERSWAP_READAHEAD_MB"
@@ -110,7 +111,7 @@ class Readahead:
 
     def _run(self) -> None:
         files: Dict[str, int] = {}
-        sink = _open_sink()
+        warmer = _Warmer()
         try:
             for step, path, offset, length in self.ranges:
                 end = offset + length
@@ -122,7 +123,7 @@ class Readahead:
                     fd = files.get(path)
                     if fd is None:
                         fd = files[path] = os.open(path, os.O_RDONLY)
-                    count = _warm(sink, fd, offset, min(CHUNK_BYTES, end - offset))
+                    count = warmer.warm(fd, offset, min(CHUNK_BYTES, end - offset))
                     if count <= 0:
                         break  # end of file: the merge will report a short file itself
                     offset += count
@@ -136,29 +137,32 @@ class Readahead:
         finally:
             for fd in files.values():
                 os.close(fd)
-            if sink is not None and sink.get("fd") is not None:
-                os.close(sink["fd"])
+            warmer.close()
 
 
-def _open_sink() -> Optional[dict]:
-    try:
-        return {"fd": os.open(os.devnull, os.O_WRONLY), "buffer": None}
-    except OSError:
-        return {"fd": None, "buffer": None}
+class _Warmer:
+    """Brings file bytes into the page cache: ``sendfile`` to ``/dev/null`` (no copy into
+    this process), or ``pread`` into one reused buffer where the kernel refuses that."""
 
+    def __init__(self) -> None:
+        self._null: Optional[int] = os.open(os.devnull, os.O_WRONLY)
+        self._buffer: Optional[bytearray] = None
 
-def _warm(sink: dict, fd: int, offset: int, count: int) -> int:
-    """Bring ``count`` bytes at ``offset`` into the page cache; the bytes warmed (0 at EOF)."""
-    if sink["fd"] is not None:
-        try:
-            return os.sendfile(sink["fd"], fd, offset, count)
-        except OSError:
-            sink["fd"], closing = None, sink["fd"]
-            os.close(closing)  # sendfile to /dev/null refused here: fall back to pread
-    if sink["buffer"] is None:
-        sink["buffer"] = bytearray(CHUNK_BYTES)
-    view = memoryview(sink["buffer"])[:count]
-    return os.preadv(fd, [view], offset)
+    def warm(self, fd: int, offset: int, count: int) -> int:
+        """The bytes warmed at ``offset`` (0 at the end of the file)."""
+        if self._null is not None:
+            try:
+                return os.sendfile(self._null, fd, offset, count)
+            except OSError:
+                self.close()
+        if self._buffer is None:
+            self._buffer = bytearray(CHUNK_BYTES)
+        return os.preadv(fd, [memoryview(self._buffer)[:count]], offset)
+
+    def close(self) -> None:
+        if self._null is not None:
+            os.close(self._null)
+            self._null = None
 
 
 class SafetensorsOffsets:
@@ -186,9 +190,6 @@ class SafetensorsOffsets:
 def _read_header(path: str) -> Optional[Tuple[int, dict]]:
     if not path.endswith(".safetensors"):
         return None
-    from mergekit_layerswap.adapter.weight_files import read_safetensors_header
-    from mergekit_layerswap.core.errors import LayerSwapError
-
     try:
         header = read_safetensors_header(path)
         with open(path, "rb") as handle:
