@@ -3,12 +3,17 @@
     python bench/_child.py merge REPORT.json <mergekit-yaml arguments...>
     python bench/_child.py copy  REPORT.json SRC_DIR DST_DIR
     python bench/_child.py read  REPORT.json DIR...
+    python bench/_child.py copy-hinted    REPORT.json SRC_DIR DST_DIR
+    python bench/_child.py read-sendfile  REPORT.json DIR...
 
 ``merge`` imports ``mergekit.scripts.run_yaml`` (which is all the ``mergekit-yaml`` console script
 does, so the .pth hook and every import are the same as for the real command), takes a timestamp,
 and calls its ``main``; ``copy`` copies a model's ``*.safetensors`` files with ``shutil.copyfile``
 and fsyncs each (as a layer_swap merge does); ``read`` reads every ``*.safetensors`` file of the
-given models once (what the cold magnitude pass must read). REPORT.json receives the seconds spent
+given models once (what the cold magnitude pass must read). ``copy-hinted`` is ``copy`` with the
+writeback hint a layer_swap merge gives each finished shard (``posix_fadvise(DONTNEED)`` before
+the fsync); ``read-sendfile`` reads like the merge's readahead thread (``sendfile`` to
+``/dev/null``): the fastest ways this machine copies and reads, for comparison. REPORT.json receives the seconds spent
 before the job (interpreter start-up is not included: it is before this file runs), the seconds of
 the job itself, and VmHWM / RssAnon from /proc/self/status at the end.
 """
@@ -34,7 +39,7 @@ if mode == "merge":
     t0 = time.perf_counter()
     main(args, standalone_mode=False)
     t1 = time.perf_counter()
-elif mode == "copy":
+elif mode in ("copy", "copy-hinted"):
     after_imports = {}
     src, dst = args
     os.makedirs(dst, exist_ok=True)
@@ -45,7 +50,22 @@ elif mode == "copy":
             # a layer_swap merge fsyncs its files before swapping them into place
             # (adapter/output.py), so the copy baseline does too
             with open(os.path.join(dst, name), "rb") as handle:
+                if mode == "copy-hinted":
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 os.fsync(handle.fileno())
+    t1 = time.perf_counter()
+elif mode == "read-sendfile":
+    after_imports = {}
+    t0 = time.perf_counter()
+    null = os.open(os.devnull, os.O_WRONLY)
+    for src in args:
+        for name in sorted(os.listdir(src)):
+            if name.endswith(".safetensors"):
+                fd = os.open(os.path.join(src, name), os.O_RDONLY)
+                offset, size = 0, os.fstat(fd).st_size
+                while offset < size:
+                    offset += os.sendfile(null, fd, offset, min(16 << 20, size - offset))
+                os.close(fd)
     t1 = time.perf_counter()
 elif mode == "read":
     after_imports = {}

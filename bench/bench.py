@@ -20,7 +20,9 @@ every earlier output) evicted from the page cache before each job:
           for the same swap (its layer tensors checked against a's; it cannot average
           the non-layer tensors: they come from the language expert)
   c       copying one expert's safetensors files (the I/O floor)
+  ch      c with the writeback hint a layer_swap merge gives each finished shard
   r       reading base and both experts once (what the cold magnitude pass must read)
+  rs      r with sendfile to /dev/null, as the merge's readahead thread reads
   d_cold  a with `weighting: magnitude` (base_model set), magnitude cache emptied
   d_warm  the same right after d_cold, statistics from the cache
 Measured per job: wall time of the whole process, job time without interpreter
@@ -66,7 +68,7 @@ FEW_LAYER_ZONES = dict(bottom_layers=0, top_layers=0, bottom_transition=1, top_t
 NOISE = {"task": 1e-3, "lang": 2e-3}  # std of expert - base; base weights have std 0.02
 OUT_SHARD = "500M"
 OUT_SHARD_BYTES = 500 * 1000 * 1000  # mergekit reads "500M" as 500e6 bytes
-JOBS = ("a", "b", "c", "r", "d_cold", "d_warm")
+JOBS = ("a", "b", "c", "ch", "r", "rs", "d_cold", "d_warm")
 
 
 # ----------------------------------------------------------------- model files
@@ -318,8 +320,10 @@ def needed_bytes(data, L):
         "a": swap,
         "b": linear,
         "c": every["lang"],
+        "ch": every["lang"],
         "d_warm": swap,
         "r": sum(every.values()),
+        "rs": sum(every.values()),
         # the cold magnitude pass reads all of both experts and the base
         "d_cold": sum(every.values()),
     }
@@ -584,14 +588,14 @@ def main():
 
     def argv(job):
         out = os.path.join(outdir, job)
-        if job == "c":
-            return ["copy", dirs["lang"], out]
-        if job == "r":
-            return ["read", dirs["base"], dirs["task"], dirs["lang"]]
+        if job in ("c", "ch"):
+            return ["copy" if job == "c" else "copy-hinted", dirs["lang"], out]
+        if job in ("r", "rs"):
+            return ["read" if job == "r" else "read-sendfile", dirs["base"], dirs["task"], dirs["lang"]]
         recipe = recipe_paths["d" if job.startswith("d") else job]
         return ["merge", recipe, out, "--out-shard-size", OUT_SHARD]
 
-    groups = [[j] for j in ("a", "b", "c", "r") if j in jobs] + (
+    groups = [[j] for j in ("a", "b", "c", "ch", "r", "rs") if j in jobs] + (
         [[j for j in ("d_cold", "d_warm") if j in jobs]] if "d_cold" in jobs else []
     )
     results = {job: [] for job in jobs}
@@ -612,7 +616,7 @@ def main():
             row["read_bytes"] = resident_bytes(inputs) - before
             row["resident_before"] = before
             row["read_over_needed"] = row["read_bytes"] / needed[job]
-            if job not in ("c", "r"):
+            if job not in ("c", "ch", "r", "rs"):
                 row["memory_ratio"] = memory_ratio(row, largest)
             results[job].append(row)
             print(
@@ -641,7 +645,7 @@ def main():
 
     med = {job: summarize(rows) for job, rows in results.items()}
     ratios = {}
-    for x, y in (("a", "b"), ("a", "c"), ("b", "c"), ("d_cold", "a"), ("d_warm", "a")):
+    for x, y in (("a", "b"), ("a", "c"), ("a", "ch"), ("b", "c"), ("d_cold", "a"), ("d_warm", "a")):
         if x in med and y in med:
             ratios[f"{x}/{y} job"] = med[x]["job_s"] / med[y]["job_s"]
             ratios[f"{x}/{y} wall"] = med[x]["wall_s"] / med[y]["wall_s"]
@@ -651,6 +655,10 @@ def main():
         ratios["magnitude pass / reading its inputs"] = (med["d_cold"]["job_s"] - med["d_warm"]["job_s"]) / med["r"][
             "job_s"
         ]
+    if "d_cold" in med and "d_warm" in med and "rs" in med:
+        ratios["magnitude pass / reading its inputs with sendfile"] = (
+            med["d_cold"]["job_s"] - med["d_warm"]["job_s"]
+        ) / med["rs"]["job_s"]
     model_bytes = sum(stored_bytes(dirs["lang"]).values())
     print(
         f"\nshape {label}: {L} layers, hidden {shape['hidden']}, vocab {shape['vocab']}, "
