@@ -24,7 +24,7 @@ import os
 import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from mergekit_layerswap.adapter.weight_files import read_safetensors_header
+from mergekit_layerswap.adapter.weight_files import read_safetensors_layout
 from mergekit_layerswap.core.errors import LayerSwapError, OptionError
 
 LOG = logging.getLogger(__name__)
@@ -191,12 +191,9 @@ def _read_header(path: str) -> Optional[Tuple[int, dict]]:
     if not path.endswith(".safetensors"):
         return None
     try:
-        header = read_safetensors_header(path)
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-    except (LayerSwapError, OSError):
+        return read_safetensors_layout(path)
+    except LayerSwapError:
         return None  # the merge's own checks and loader report a bad file
-    return 8 + length, header
 
 
 def tensor_range(offsets: SafetensorsOffsets, index, names: Iterable[str]) -> Optional[Tuple[str, int, int]]:

@@ -115,6 +115,12 @@ def _plain_relative(name: Any) -> bool:
 def read_safetensors_header(path: str) -> Dict[str, Any]:
     """The header of a safetensors file, refused in one line naming the file unless it is
     consistent with the file's size (catches empty, truncated and garbage files)."""
+    return read_safetensors_layout(path)[1]
+
+
+def read_safetensors_layout(path: str) -> Tuple[int, Dict[str, Any]]:
+    """(file offset where the tensor data starts, header), checked as ``read_safetensors_header``
+    says: a tensor's bytes lie at that offset plus its ``data_offsets``."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
@@ -166,7 +172,7 @@ def read_safetensors_header(path: str) -> Dict[str, Any]:
                 f"weight file {path} is damaged: tensor {name} ({dtype} {shape}) spans {end - start} "
                 f"bytes, not {tensor_bytes(shape, dtype)}; {_FIX}"
             )
-    return header
+    return 8 + length, header
 
 
 def _check_file(path: str) -> Optional[Dict[str, Any]]:
