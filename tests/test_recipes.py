@@ -8,6 +8,7 @@ directory that holds only a config.json of the Llama-3.1-8B shape, which is all
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import mergekit.merge_methods.registry as registry
 import pytest
@@ -28,7 +29,7 @@ LANGUAGE_EXPERTS = {
     "swh": "Lugha-Llama/Lugha-Llama-8B-wura",
     "tel": "MaLA-LM/emma-500-llama3.1-8b-bi",
     "ben": "BanglaLLM/BanglaLLama-3.1-8b-no-pretrain-bangla-alpaca-orca-instruct-v0.0.1",
-    "jpn": "tokyotech-llm/Llama-3.1-Swallow-8B-Instruct-v0.3",
+    "jpn": "tokyotech-llm/Llama-3.1-Swallow-8B-v0.1",
 }
 
 # The paper's per-language finding, as (b, u, t_b, t_u):
@@ -52,6 +53,61 @@ EXPECTED["swh_bottom_only.yaml"] = ("swh", (5, 0, 0, 0), "uniform")
 EXPECTED["swh_top_only.yaml"] = ("swh", (0, 2, 0, 0), "uniform")
 EXPECTED["baselines/swh_magnitude_soup.yaml"] = ("swh", (0, 0, 16, 16), "magnitude")
 
+
+class NewBase(NamedTuple):
+    """A recipe on another base: what the file must say and the shape to check it on."""
+
+    base: str
+    task: str
+    language: str
+    zones: tuple  # (b, u, t_b, t_u)
+    non_layer: str
+    shape: str  # a key of _save_config
+    num_layers: int
+    needs: Optional[str] = None  # support this build may not have yet
+
+
+NEW_BASES = {
+    "swh_qwen3_8b.yaml": NewBase(
+        "Qwen/Qwen3-8B-Base",
+        "lightonai/Qwen3-8B-EN",
+        "lightonai/Qwen3-8B-SW",
+        (13, 13, 0, 0),
+        "language",
+        "qwen3_8b",
+        36,
+    ),
+    "jpn_qwen3_8b.yaml": NewBase(
+        "Qwen/Qwen3-8B-Base",
+        "lightonai/Qwen3-8B-EN",
+        "tokyotech-llm/Qwen3-Swallow-8B-CPT-v0.2",
+        (3, 0, 1, 0),
+        "average",
+        "qwen3_8b",
+        36,
+    ),
+    "jpn_qwen3_30b_a3b.yaml": NewBase(
+        "Qwen/Qwen3-30B-A3B-Base",
+        "Qwen/Qwen3-30B-A3B",
+        "tokyotech-llm/Qwen3-Swallow-30B-A3B-CPT-v0.2",
+        (4, 0, 0, 0),
+        "average",
+        "qwen3_30b_a3b",
+        48,
+        "mixture-of-experts",
+    ),
+    "uig_gemma3_4b.yaml": NewBase(
+        "google/gemma-3-4b-pt",
+        "google/gemma-3-4b-it",
+        "pkupie/gemma-3-4b-ug-cpt",
+        (5, 2, 0, 0),
+        "average",
+        "gemma3_4b",
+        34,
+        "vision-language",
+    ),
+}
+
 BASELINES = {
     "baselines/swh_soup.yaml": "linear",
     "baselines/swh_ties.yaml": "ties",
@@ -72,6 +128,63 @@ LLAMA_31_8B = dict(
     bos_token_id=128000,
     eos_token_id=128001,
 )
+
+
+QWEN3_8B = dict(
+    architectures=["Qwen3ForCausalLM"],
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
+QWEN3_30B_A3B = dict(
+    architectures=["Qwen3MoeForCausalLM"],
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
+GEMMA3_4B = dict(
+    architectures=["Gemma3ForConditionalGeneration"],
+    text_config=dict(
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=34,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=256,
+        vocab_size=262208,
+    ),
+    vision_config=dict(hidden_size=1152, num_hidden_layers=27, image_size=896, patch_size=14),
+)
+
+
+def _save_config(kind: str, target: Path) -> None:
+    """A config.json of the named real model's shape (no weights)."""
+    import transformers
+
+    if kind == "llama31_8b":
+        config = transformers.LlamaConfig(**LLAMA_31_8B)
+    elif kind == "qwen3_8b":
+        config = transformers.Qwen3Config(**QWEN3_8B)
+    elif kind == "qwen3_30b_a3b":
+        config = transformers.Qwen3MoeConfig(**QWEN3_30B_A3B)
+    elif kind == "gemma3_4b":
+        config = transformers.Gemma3Config(**GEMMA3_4B)
+    else:
+        raise ValueError(kind)
+    config.save_pretrained(str(target))
 
 
 def _relative(path: Path) -> str:
@@ -110,36 +223,35 @@ def _is_swap(rel: str, doc: dict) -> bool:
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    """model id -> a local directory with only a Llama-3.1-8B-shaped config.json."""
-    from transformers import LlamaConfig
-
-    root = tmp_path_factory.mktemp("llama31-8b-configs")
+    """(model id, shape) -> a local directory with only a config.json of that shape
+    (Llama-3.1-8B unless told)."""
+    root = tmp_path_factory.mktemp("recipe-configs")
     made = {}
 
-    def path_for(model_id: str) -> str:
-        if model_id not in made:
+    def path_for(model_id: str, kind: str = "llama31_8b") -> str:
+        if (model_id, kind) not in made:
             target = root / f"m{len(made)}"
-            LlamaConfig(**LLAMA_31_8B).save_pretrained(str(target))
-            made[model_id] = str(target)
-        return made[model_id]
+            _save_config(kind, target)
+            made[(model_id, kind)] = str(target)
+        return made[(model_id, kind)]
 
     return path_for
 
 
-def _localised(doc: dict, path_for) -> tuple[dict, dict]:
+def _localised(doc: dict, path_for, kind: str = "llama31_8b") -> tuple[dict, dict]:
     """The document with every model id replaced by a synthetic directory, and the
     mapping back (directory -> id)."""
     doc = dict(doc)
     doc.pop("name", None)
     back = {}
     if doc.get("base_model"):
-        back[path_for(doc["base_model"])] = doc["base_model"]
-        doc["base_model"] = path_for(doc["base_model"])
+        back[path_for(doc["base_model"], kind)] = doc["base_model"]
+        doc["base_model"] = path_for(doc["base_model"], kind)
     models = []
     for entry in doc.get("models") or []:
         entry = dict(entry)
-        back[path_for(entry["model"])] = entry["model"]
-        entry["model"] = path_for(entry["model"])
+        back[path_for(entry["model"], kind)] = entry["model"]
+        entry["model"] = path_for(entry["model"], kind)
         models.append(entry)
     doc["models"] = models
     return doc, back
@@ -147,7 +259,7 @@ def _localised(doc: dict, path_for) -> tuple[dict, dict]:
 
 def test_every_shipped_recipe_exists():
     present = {_relative(p) for p in _recipe_files()}
-    missing = sorted((set(EXPECTED) | set(BASELINES)) - present)
+    missing = sorted((set(EXPECTED) | set(BASELINES) | set(NEW_BASES)) - present)
     assert not missing, f"recipes missing: {missing}"
 
 
@@ -163,7 +275,7 @@ def test_recipe_parses_as_mergekit_configuration_without_dropped_keys(rel, doc):
     assert dict(doc.get("parameters") or {}) == dict(config.parameters or {})
 
 
-@pytest.mark.parametrize("rel, doc", [d for d in DOCUMENTS if _is_swap(*d.values)])
+@pytest.mark.parametrize("rel, doc", [d for d in DOCUMENTS if _is_swap(*d.values) and d.values[0] not in NEW_BASES])
 def test_layer_swap_recipe_validates_on_llama31_shape(rel, doc, synthetic):
     local, back = _localised(doc, synthetic)
     run = prepare(MergeConfiguration.model_validate(local))
@@ -313,3 +425,63 @@ def test_magnitude_soup_recipe_merges_like_linear_with_inverse_m(families, tmp_p
     assert set(outputs["swap"]) == set(outputs["linear"])
     for tensor_name, tensor in outputs["linear"].items():
         torch.testing.assert_close(outputs["swap"][tensor_name], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rel", sorted(NEW_BASES))
+def test_new_base_recipe_structure(rel):
+    """The recipe's own structure (no configs read) is what the file says, and its zones
+    fit the real model's decoder depth."""
+    from mergekit_layerswap.adapter.planner import parse
+    from mergekit_layerswap.core.recipe import check_zone_fit
+
+    base, task, language, zones, non_layer, _, num_layers, _ = NEW_BASES[rel]
+    with open(RECIPES / rel) as handle:
+        doc = yaml.safe_load(handle)
+    recipe = parse(_config(doc))
+    assert recipe.zones == SwapZones(*zones)
+    assert recipe.non_layer == non_layer
+    assert str(recipe.base_model) == base
+    assert [str(e.model) for e in recipe.of_role(TASK)] == [task]
+    assert [str(e.model) for e in recipe.of_role(LANGUAGE)] == [language]
+    check_zone_fit(recipe.zones, num_layers)
+    assert doc.get("dtype") == "bfloat16"
+
+
+@pytest.mark.parametrize("rel", sorted(NEW_BASES))
+def test_new_base_recipe_validates_on_its_models_shape(rel, synthetic):
+    """Against config.json files of the real models' shapes: validated exactly as a merge
+    validates, or, for an architecture this build does not merge yet, refused in the one
+    line the README's recipe notes promise."""
+    from mergekit_layerswap.core.errors import RecipeError
+
+    _, _, language, zones, _, kind, num_layers, needs = NEW_BASES[rel]
+    with open(RECIPES / rel) as handle:
+        doc = yaml.safe_load(handle)
+    local, back = _localised(doc, synthetic, kind)
+    readme = (RECIPES / "README.md").read_text()
+    try:
+        run = prepare(MergeConfiguration.model_validate(local))
+    except RecipeError as error:
+        assert needs is not None, f"{rel}: {error}"
+        message = str(error)
+        assert "\n" not in message
+        assert {"mixture-of-experts": "mixture-of-experts", "vision-language": "several modules"}[needs] in message
+        assert f"`{rel}`" in readme and f"needs {needs} support" in readme
+        return
+    assert run.info.num_layers == num_layers
+    assert run.recipe.zones == SwapZones(*zones)
+    assert back[str(run.recipe.donor)] == language
+
+
+def test_recipes_readme_records_evidence_for_every_expert():
+    """Every expert id of every shipped layer_swap recipe appears in the README's evidence
+    table, so nobody adds an expert without saying what its card says."""
+    from mergekit_layerswap.core.files import looks_like_hub_id
+
+    readme = (RECIPES / "README.md").read_text()
+    evidence = readme.split("## Evidence", 1)[1]
+    for rel, doc in [d.values for d in DOCUMENTS if _is_swap(*d.values)]:
+        for entry in doc.get("models") or []:
+            model = entry["model"].split("+")[0]  # a LoRA's base model is the expert's
+            if looks_like_hub_id(model) and not (RECIPES.parent / model).exists():
+                assert f"`{model}`" in evidence, f"{rel}: {model} has no evidence row"
