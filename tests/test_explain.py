@@ -91,3 +91,77 @@ def test_magnitude_mix_and_bytes_before_and_after_the_statistics_are_cached(fami
     assert after["bytes_to_read"][fam.base] == 0
     # non-layer tensors are averaged (the default), so both experts read them
     assert after["bytes_to_read"][fam.lang] == size(fam.lang, lambda n: fam.arch.layer_of(n) in (None, 0, 1, 2, 6, 7))
+
+
+def _copy_family(fam, root):
+    """Private copies of a family's checkpoints (the session's are shared by other tests),
+    as an object ``swap_recipe`` takes."""
+    import shutil
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        **{role: str(shutil.copytree(getattr(fam, role), root / role)) for role in ("base", "task", "lang")}
+    )
+
+
+def _say_parent(model_dir, name_or_path=None, card_base=None):
+    """Write the lineage a training script or a model card would record."""
+    import os
+
+    if name_or_path is not None:
+        config_path = os.path.join(model_dir, "config.json")
+        with open(config_path) as handle:
+            config = json.load(handle)
+        config["_name_or_path"] = name_or_path
+        with open(config_path, "w") as handle:
+            json.dump(config, handle)
+    if card_base is not None:
+        with open(os.path.join(model_dir, "README.md"), "w") as handle:
+            handle.write(f"---\nlicense: other\nbase_model:\n- {card_base}\n---\n# a fine-tune\n")
+
+
+def _warnings(result):
+    """The warning lines of an explain run that succeeded (a warning is never a refusal)."""
+    assert result.exit_code == 0, result.output
+    return [line for line in result.output.splitlines() if line.startswith("warning:")]
+
+
+def test_warns_when_an_expert_names_another_base_than_base_model(families, tmp_path):
+    paths = _copy_family(families("llama"), tmp_path)
+    _say_parent(paths.task, name_or_path=paths.base)  # fine-tuned from the recipe's base: fine
+    _say_parent(paths.lang, card_base="meta-llama/Llama-3.1-8B-Instruct")
+    path = write_recipe(tmp_path / "r.yaml", swap_recipe(paths, base=True))
+    [line] = _warnings(explain(path))
+    assert "models[1]" in line and paths.lang in line
+    assert "meta-llama/Llama-3.1-8B-Instruct (model card base_model)" in line
+    assert f"not base_model {paths.base}" in line
+    assert json.loads(explain(path, "--format", "json").output)["warnings"] == [line]
+
+    _say_parent(paths.lang, name_or_path="/scratch/run7/BASE")  # the config agrees, the card does not
+    [line] = _warnings(explain(path))
+    assert "Llama-3.1-8B-Instruct (model card base_model)" in line and "_name_or_path" not in line
+    _say_parent(paths.lang, card_base=paths.base.upper())  # same last component, other case/dir
+    _say_parent(paths.lang, name_or_path=paths.base)
+    assert _warnings(explain(path)) == []
+
+
+def test_warns_when_experts_name_different_bases_without_base_model(families, tmp_path):
+    paths = _copy_family(families("qwen2"), tmp_path)
+    path = write_recipe(tmp_path / "r.yaml", swap_recipe(paths, bottom_layers=2, top_layers=1))
+    assert _warnings(explain(path)) == []  # nothing recorded: nothing to say
+    _say_parent(paths.task, name_or_path="meta-llama/Meta-Llama-3.1-8B")
+    _say_parent(paths.lang, name_or_path="/models/llama-3.1-8b")  # a local download, renamed repo
+    assert _warnings(explain(path)) == []
+    _say_parent(paths.lang, name_or_path="meta-llama/Llama-3.1-8B-Instruct")
+    [line] = _warnings(explain(path))
+    assert "experts name different bases" in line
+    assert "meta-llama/Meta-Llama-3.1-8B (config.json _name_or_path)" in line
+    assert "meta-llama/Llama-3.1-8B-Instruct (config.json _name_or_path)" in line
+
+
+def test_a_resaved_base_is_recognised_by_the_name_it_was_loaded_from(families, tmp_path):
+    paths = _copy_family(families("llama"), tmp_path)
+    _say_parent(paths.base, name_or_path="meta-llama/Llama-3.1-8B")  # a download, saved again
+    _say_parent(paths.task, card_base="meta-llama/Llama-3.1-8B")
+    _say_parent(paths.lang, name_or_path="meta-llama/Meta-Llama-3.1-8B")
+    assert _warnings(explain(write_recipe(tmp_path / "r.yaml", swap_recipe(paths, base=True)))) == []

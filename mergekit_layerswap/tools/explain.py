@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
+from mergekit_layerswap.tools.lineage import base_warnings
 from mergekit_layerswap.tools.recipe_file import load_config
 
 
@@ -122,6 +123,7 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
     non_layer_fractions, non_layer_resolved = mix(role_shares(None, None, recipe.zones, recipe.non_layer))
     return {
         "recipe": path,
+        "warnings": base_warnings(recipe),
         "architecture": info.arch_info.architectures[0],
         "num_layers": info.num_layers,
         "zones": vars(recipe.zones),
@@ -193,4 +195,5 @@ def render_text(report: Dict[str, Any]) -> str:
     lines.append("  bytes to read:")
     for model, n in report["bytes_to_read"].items():
         lines.append(f"    {model}: {_human(n)}")
+    lines.extend(report["warnings"])
     return "\n".join(lines)
