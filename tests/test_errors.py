@@ -33,16 +33,17 @@ def test_role_at_top_level(fam, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name,value",
+    "name,value,words",
     [
-        ("bottom_layers", [1, 3]),
-        ("top_transition", [{"filter": "mlp", "value": 1}]),
-        ("weighting", ["uniform", "magnitude"]),
-        ("non_layer", [{"filter": "embed", "value": "language"}]),
+        ("weighting", ["uniform", "magnitude"], ["one value"]),
+        ("non_layer", [{"filter": "embed", "value": "language"}], ["one value"]),
+        # zone sizes take mergekit's filter form (per-module zones), never a gradient
+        ("bottom_layers", [1, 3], ["gradient", "filter list"]),
+        ("top_transition", [{"filter": "mlp", "value": 1}], ["last entry without `filter:`"]),
     ],
 )
-def test_per_tensor_lists_or_filters_for_whole_model_parameters(fam, tmp_path, name, value):
-    refused(tmp_path, swap_recipe(fam, **{name: value}), f"parameters.{name}", "one value")
+def test_per_tensor_lists_or_filters_for_whole_model_parameters(fam, tmp_path, name, value, words):
+    refused(tmp_path, swap_recipe(fam, **{name: value}), f"parameters.{name}", *words)
 
 
 @pytest.mark.parametrize("weight", [0, -1.0, [1.0, 0.0], [{"filter": "mlp", "value": -2}]])

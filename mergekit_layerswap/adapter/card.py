@@ -8,7 +8,8 @@ import yaml
 
 from mergekit_layerswap.core import PAPER_URL
 from mergekit_layerswap.core.files import looks_like_hub_id
-from mergekit_layerswap.core.layers import BLEND, LANGUAGE, layer_table, transition_depth
+from mergekit_layerswap.core.layers import BLEND, LANGUAGE, SwapZones, layer_table, transition_depth
+from mergekit_layerswap.core.zones import module_classes, text
 
 CARD = """---
 {metadata}
@@ -33,8 +34,7 @@ transition layers (if any) are weighted averages of both.
 {num_layers} decoder layers; zones: bottom_layers={b}, top_layers={u},
 bottom_transition={tb}, top_transition={tu} (transition shape: {shape}).
 
-| layers | source |
-|---|---|
+{table_header}
 {layers}
 
 Non-layer tensors (embeddings, final norm, lm_head): {non_layer}.
@@ -58,19 +58,39 @@ def _ranges(rows: List[Tuple[int, str]]) -> List[Tuple[int, int, str]]:
     return out
 
 
-def layer_labels(run) -> List[Tuple[int, str]]:
+def layer_labels(run, zones: Optional[SwapZones] = None) -> List[Tuple[int, str]]:
     recipe = run.recipe
+    zones = zones or recipe.zones
     rows = []
-    for layer, source in layer_table(run.info.num_layers, recipe.zones):
+    for layer, source in layer_table(run.info.num_layers, zones):
         if source == BLEND:
             label = "blend of task and language experts"
             if recipe.transition_shape == "linear":
-                j, t = transition_depth(layer, run.info.num_layers, recipe.zones)
+                j, t = transition_depth(layer, run.info.num_layers, zones)
                 label += f" (task share {j}/{t + 1})"
         else:
             label = f"{source} expert" + ("s (averaged)" if len(recipe.of_role(source)) > 1 else "")
         rows.append((layer, label))
     return rows
+
+
+def _layer_rows(run) -> Tuple[str, List[str]]:
+    """The layer table's header and rows: one source column, or one per class of tensors
+    that share per-module zone sizes."""
+    recipe = run.recipe
+    if not recipe.zones.per_module:
+        rows = _ranges(layer_labels(run))
+        return "| layers | source |\n|---|---|", [f"| {_span(lo, hi)} | {label} |" for lo, hi, label in rows]
+    classes = module_classes(recipe.zones.values, run.info.layer_names(recipe.experts[0].model))
+    columns = [dict(layer_labels(run, SwapZones(*c.sizes))) for c in classes]
+    merged = _ranges([(layer, tuple(col[layer] for col in columns)) for layer in range(run.info.num_layers)])
+    header = "| layers | " + " | ".join(f"{c.label} tensors" for c in classes) + " |"
+    header += "\n|---|" + "---|" * len(classes)
+    return header, [f"| {_span(lo, hi)} | " + " | ".join(labels) + " |" for lo, hi, labels in merged]
+
+
+def _span(lo: int, hi: int) -> str:
+    return f"{lo}-{hi}" if hi != lo else str(lo)
 
 
 def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
@@ -91,7 +111,7 @@ def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
         )
     else:
         reference = "Weighting: uniform (each expert's `weight`)."
-    layers = [f"| {lo}{f'-{hi}' if hi != lo else ''} | {label} |" for lo, hi, label in _ranges(layer_labels(run))]
+    table_header, layers = _layer_rows(run)
     non_layer = {
         "average": "weighted average of both experts",
         LANGUAGE: "taken from the language expert",
@@ -113,10 +133,11 @@ def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
         experts="\n".join(experts),
         reference=reference,
         num_layers=run.info.num_layers,
-        b=recipe.zones.bottom_layers,
-        u=recipe.zones.top_layers,
-        tb=recipe.zones.bottom_transition,
-        tu=recipe.zones.top_transition,
+        b=text(recipe.zones.bottom_layers),
+        u=text(recipe.zones.top_layers),
+        tb=text(recipe.zones.bottom_transition),
+        tu=text(recipe.zones.top_transition),
+        table_header=table_header,
         shape=recipe.transition_shape,
         layers="\n".join(layers),
         non_layer=non_layer,

@@ -36,6 +36,11 @@ class ModelsInfo:
             weight_prefix=definition.weight_prefix,
         )
 
+    def layer_names(self, model) -> List[str]:
+        """The tensor names of every decoder layer (what per-module zone filters select)."""
+        module = self.module(model)
+        return [w.name for layer in range(self.num_layers) for w in module.layer_weights(layer)]
+
     def layer_of(self, model) -> Dict[str, Optional[int]]:
         """Tensor name (and aliases) -> decoder layer index, None outside the layers."""
         module = self.module(model)
@@ -121,8 +126,9 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
             f"number of decoder layers"
         )
     num_layers = counts[first]
-    check_zone_fit(recipe.zones, num_layers)
-    return ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
+    info = ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
+    check_zone_fit(recipe.zones, num_layers, info.layer_names(first) if recipe.zones.per_module else ())
+    return info
 
 
 def check_model_files(recipe: SwapRecipe) -> None:

@@ -214,7 +214,8 @@ def _plan_tensor(original):
         run: SwapRun = self._layer_swap
         recipe = run.recipe
         layer = self._layer_swap_layer
-        shares = role_shares(layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
+        zones = recipe.zones.for_tensor(weight.name)  # what mergekit resolves for the kernel
+        shares = role_shares(layer, run.info.num_layers, zones, recipe.non_layer, recipe.transition_shape)
         blending = sum(share > 0 for share in shares.values()) > 1
         with_base = blending and recipe.base_model is not None and recipe.blend_needs_base
         keep = [

@@ -147,7 +147,9 @@ def check_blended_integers(recipe, info, integers: dict) -> None:
     for name in sorted(integers):
         if name not in positions:
             continue  # not part of the architecture: mergekit does not write it
-        shares = role_shares(positions[name], info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
+        shares = role_shares(
+            positions[name], info.num_layers, recipe.zones.for_tensor(name), recipe.non_layer, recipe.transition_shape
+        )
         used = [expert.model for expert in recipe.experts if shares[expert.role] > 0]
         if len(used) < 2:
             continue

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional
 
 from mergekit_layerswap.core.parameters import DEFAULTS
+from mergekit_layerswap.core.zones import ZoneValue, resolve
 
 LANGUAGE = "language"
 TASK = "task"
@@ -30,15 +31,32 @@ ROLES = (TASK, LANGUAGE)
 
 @dataclass(frozen=True)
 class SwapZones:
-    """Zone sizes of a swap, in layers."""
+    """Zone sizes of a swap, in layers. Each may also be a per-module value
+    (``core/zones.py``); ``for_tensor`` gives the plain sizes one tensor gets."""
 
-    bottom_layers: int = DEFAULTS["bottom_layers"]
-    top_layers: int = DEFAULTS["top_layers"]
-    bottom_transition: int = DEFAULTS["bottom_transition"]
-    top_transition: int = DEFAULTS["top_transition"]
+    bottom_layers: ZoneValue = DEFAULTS["bottom_layers"]
+    top_layers: ZoneValue = DEFAULTS["top_layers"]
+    bottom_transition: ZoneValue = DEFAULTS["bottom_transition"]
+    top_transition: ZoneValue = DEFAULTS["top_transition"]
+
+    @property
+    def values(self) -> tuple:
+        return (self.bottom_layers, self.top_layers, self.bottom_transition, self.top_transition)
+
+    @property
+    def per_module(self) -> bool:
+        return any(not isinstance(value, int) for value in self.values)
+
+    def for_tensor(self, tensor_name: Optional[str]) -> "SwapZones":
+        """The sizes tensor ``tensor_name`` gets (these zones themselves when plain)."""
+        if not self.per_module:
+            return self
+        return SwapZones(*(resolve(value, tensor_name) for value in self.values))
 
     @property
     def total(self) -> int:
+        if self.per_module:
+            raise ValueError("per-module zones have one total per module; use for_tensor(name).total")
         return self.bottom_layers + self.top_layers + self.bottom_transition + self.top_transition
 
 
@@ -46,6 +64,8 @@ def layer_source(layer: int, num_layers: int, zones: SwapZones) -> str:
     """Return ``language``, ``task`` or ``blend`` for decoder layer ``layer``."""
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} is outside 0..{num_layers - 1}")
+    if zones.per_module:
+        raise ValueError("per-module zones: pass zones.for_tensor(tensor_name)")
     b, u = zones.bottom_layers, zones.top_layers
     if layer < b or layer > num_layers - 1 - u:
         return LANGUAGE

@@ -8,7 +8,7 @@ Checks that need model configs or tensor headers live in ``checks.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.layers import LANGUAGE, ROLES, SwapZones
@@ -21,6 +21,7 @@ from mergekit_layerswap.core.parameters import (
     SHARED_PARAMETERS,
     ZONE_PARAMETERS,
 )
+from mergekit_layerswap.core.zones import check_zone_value, filters, module_classes
 
 # (blend_method, blend_<name> settings, base_model) -> (options, needs_base)
 BlendChecker = Callable[[str, Dict[str, Any], Any], Tuple[Tuple[Tuple[str, Any], ...], bool]]
@@ -94,6 +95,8 @@ def _check_weight(setting: Any, where: str) -> None:
 
 
 def _check_shared(name: str, setting: Any) -> Any:
+    if name in ZONE_PARAMETERS:
+        return check_zone_value(name, setting, DEFAULTS[name])
     if not is_scalar(setting):
         raise RecipeError(
             f"parameters.{name} must be one value for the whole model, not a per-tensor "
@@ -102,10 +105,6 @@ def _check_shared(name: str, setting: Any) -> Any:
     if name == "blend_method":
         if not isinstance(setting, str):
             raise RecipeError(f"parameters.blend_method must be a merge method name; got {setting!r}")
-        return setting
-    if name in ZONE_PARAMETERS:
-        if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-            raise RecipeError(f"parameters.{name} must be a non-negative whole number of layers; got {setting!r}")
         return setting
     choices = CHOICE_PARAMETERS[name]
     if setting not in choices:
@@ -222,12 +221,29 @@ def _check_blend(method: str, settings: Dict[str, Any], base, check_blend: Optio
     return check_blend(method, settings, base)
 
 
-def check_zone_fit(zones: SwapZones, num_layers: int) -> None:
-    if zones.total > num_layers:
-        raise RecipeError(
-            f"bottom_layers + bottom_transition + top_transition + top_layers = {zones.total} "
-            f"exceeds the {num_layers} decoder layers of the models; make the zones smaller"
-        )
+def check_zone_fit(zones: SwapZones, num_layers: int, layer_tensor_names: Sequence[str] = ()) -> None:
+    """The zones fit the model's depth; per-module zones for every module class, and each
+    of their filters selects some tensor of ``layer_tensor_names`` (the decoder layers')."""
+    if not zones.per_module:
+        classes = [("", zones)]
+    else:
+        for name, value in zip(ZONE_PARAMETERS, zones.values):
+            for index, filt in enumerate(filters(value)):
+                if not any(filt in tensor for tensor in layer_tensor_names):
+                    example = next(iter(layer_tensor_names), "")
+                    raise RecipeError(
+                        f"parameters.{name}[{index}].filter {filt!r} matches no tensor of a decoder layer "
+                        f"(their names look like {example}); fix the filter, e.g. self_attn or mlp"
+                    )
+        classes = [
+            (f" for {c.label} tensors", SwapZones(*c.sizes)) for c in module_classes(zones.values, layer_tensor_names)
+        ]
+    for where, sizes in classes:
+        if sizes.total > num_layers:
+            raise RecipeError(
+                f"bottom_layers + bottom_transition + top_transition + top_layers = {sizes.total}{where} "
+                f"exceeds the {num_layers} decoder layers of the models; make the zones smaller"
+            )
 
 
 __all__ = ["SwapRecipe", "Expert", "parse_recipe", "check_zone_fit"]

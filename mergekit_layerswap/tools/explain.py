@@ -12,8 +12,9 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
+from mergekit_layerswap.core.layers import BLEND, ROLES, SwapZones, layer_source, role_shares
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
+from mergekit_layerswap.core.zones import check_zone_value, module_classes, text, to_recipe
 from mergekit_layerswap.tools.lineage import base_warnings
 from mergekit_layerswap.tools.recipe_file import load_config
 
@@ -55,9 +56,8 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
         for name, (shape, dtype) in stored_tensors(expert.model).items():
-            shares = role_shares(
-                layers.get(name), info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
-            )
+            zones = recipe.zones.for_tensor(name)
+            shares = role_shares(layers.get(name), info.num_layers, zones, recipe.non_layer, recipe.transition_shape)
             if needs_all or shares[expert.role] > 0:
                 total += tensor_bytes(shape, dtype)
         result[str(expert.model)] = total
@@ -108,25 +108,33 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
         total = sum(active[r] * weights[r] for r in active)
         return {r: round(active[r] * weights[r] / total, 6) for r in active}, True
 
+    def row(layer, zones):
+        shares = role_shares(layer, info.num_layers, zones, recipe.non_layer, recipe.transition_shape)
+        fractions, resolved = mix(shares)
+        return {"source": layer_source(layer, info.num_layers, zones), "mix": fractions, "mix_is_final": resolved}
+
+    classes = (
+        module_classes(recipe.zones.values, info.layer_names(recipe.experts[0].model))
+        if recipe.zones.per_module
+        else []
+    )
     layers: List[Dict[str, Any]] = []
     for layer in range(info.num_layers):
-        shares = role_shares(layer, info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
-        fractions, resolved = mix(shares)
-        layers.append(
-            {
-                "layer": layer,
-                "source": layer_source(layer, info.num_layers, recipe.zones),
-                "mix": fractions,
-                "mix_is_final": resolved,
-            }
-        )
+        if not classes:
+            layers.append({"layer": layer, **row(layer, recipe.zones)})
+        else:  # one column per class of tensors that share zone sizes
+            modules = {c.label: row(layer, SwapZones(*c.sizes)) for c in classes}
+            layers.append({"layer": layer, "modules": modules})
     non_layer_fractions, non_layer_resolved = mix(role_shares(None, None, recipe.zones, recipe.non_layer))
     return {
         "recipe": path,
         "warnings": base_warnings(recipe),
         "architecture": info.arch_info.architectures[0],
         "num_layers": info.num_layers,
-        "zones": vars(recipe.zones),
+        "zones": {name: to_recipe(value) for name, value in zip(ZONE_PARAMETERS, recipe.zones.values)},
+        "module_classes": [
+            {"tensors": c.label, **dict(zip(ZONE_PARAMETERS, c.sizes)), "example": c.names[0]} for c in classes
+        ],
         "weighting": recipe.weighting,
         "non_layer": recipe.non_layer,
         "transition_shape": recipe.transition_shape,
@@ -164,6 +172,30 @@ def _mix_text(mix: Dict[str, float], final: bool) -> str:
     return text if final else text + " (before the experts' weights / magnitude)"
 
 
+def _zone_text(name: str, value) -> str:
+    return text(check_zone_value(name, value, 0))  # the report holds the recipe's form
+
+
+def _module_table(report: Dict[str, Any]) -> List[str]:
+    """One column per class of tensors that share zone sizes."""
+    labels = [c["tensors"] for c in report["module_classes"]]
+
+    def cell(entry):
+        source = entry["source"]
+        return source if len(entry["mix"]) == 1 else f"{source} ({_mix_text(entry['mix'], entry['mix_is_final'])})"
+
+    rows = [["layer"] + labels]
+    for row in reversed(report["layers"]):
+        rows.append([str(row["layer"])] + [cell(row["modules"][label]) for label in labels])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(labels) + 1)]
+
+    def line(values):
+        cells = [values[0].rjust(widths[0])] + [v.ljust(w) for v, w in zip(values[1:], widths[1:])]
+        return ("  " + "  ".join(cells)).rstrip()
+
+    return [line(r) for r in rows]
+
+
 def render_text(report: Dict[str, Any]) -> str:
     lines = [
         f"{report['recipe']}: layer_swap over {report['num_layers']} decoder layers ({report['architecture']})",
@@ -173,15 +205,21 @@ def render_text(report: Dict[str, Any]) -> str:
     zones = report["zones"]
     lines.append(
         "  zones: "
-        + " ".join(f"{name}={zones[name]}" for name in ZONE_PARAMETERS)
+        + " ".join(f"{name}={_zone_text(name, zones[name])}" for name in ZONE_PARAMETERS)
         + f"; weighting: {report['weighting']}"
         + (f" against {report['base_model']}" if report["base_model"] else "")
     )
+    for c in report["module_classes"]:
+        sizes = " ".join(f"{name}={c[name]}" for name in ZONE_PARAMETERS)
+        lines.append(f"    {c['tensors']} tensors (e.g. {c['example']}): {sizes}")
     lines.append("")
-    lines.append(f"  {'layer':>5}  {'source':<9} mix")
-    for row in reversed(report["layers"]):
-        source = "blend" if row["source"] == BLEND else row["source"]
-        lines.append(f"  {row['layer']:>5}  {source:<9} {_mix_text(row['mix'], row['mix_is_final'])}")
+    if report["module_classes"]:
+        lines.extend(_module_table(report))
+    else:
+        lines.append(f"  {'layer':>5}  {'source':<9} mix")
+        for row in reversed(report["layers"]):
+            source = "blend" if row["source"] == BLEND else row["source"]
+            lines.append(f"  {row['layer']:>5}  {source:<9} {_mix_text(row['mix'], row['mix_is_final'])}")
     lines.append("")
     lines.append(
         f"  non-layer tensors (embeddings, final norm, lm_head): {report['non_layer']}"
