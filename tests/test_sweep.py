@@ -168,6 +168,8 @@ def test_exact_match_scores_known_answers(families, tmp_path):
         (["--grid", "bottom_layers=a"], "whole numbers"),
         (["--grid", "weighting=inverse"], "one of"),
         (["--grid", "bottom_layers"], "NAME=V1,V2"),
+        (["--grid", "weighting.mlp=uniform"], "only a zone takes a filter"),
+        (["--grid", "bottom_layers.=1"], "only a zone takes a filter"),
     ],
 )
 def test_bad_grid(setup, tmp_path, args, word):
@@ -226,3 +228,47 @@ def test_sweep_on_the_gpu_scores_like_the_cpu(setup, tmp_path):
     assert [r["name"] for r in cpu] == [r["name"] for r in gpu]
     for a, b in zip(cpu, gpu):
         assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-3)
+
+
+def test_per_module_grid_points_keep_the_recipes_other_filters():
+    from mergekit_layerswap.core.layers import SwapZones
+    from mergekit_layerswap.tools.sweep import candidates, parse_grid
+
+    grid = parse_grid(["bottom_layers.self_attn=2,8", "bottom_layers=1", "top_layers=1"])
+    zones = SwapZones(bottom_layers=(("mlp", 3), (None, 2)), top_layers=2)
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.layers.0.norm"]
+    fitting, skipped = candidates(grid, 8, zones, names)
+    assert skipped == ["b.self_attn8-b1-u1"]  # attention: 8 bottom + 1 top > 8 layers
+    [candidate] = fitting
+    assert candidate.name == "b.self_attn2-b1-u1"
+    # the swept filter goes first, the recipe's mlp entry stays, the rest gets b=1
+    assert candidate.parameters == {"bottom_layers": (("self_attn", 2), ("mlp", 3), (None, 1)), "top_layers": 1}
+    # a plain grid on a plain recipe gives plain numbers, as before per-module zones
+    [plain] = candidates(parse_grid(["bottom_layers=3"]), 8, SwapZones(), ())[0]
+    assert plain.parameters == {"bottom_layers": 3} and plain.name == "b3"
+
+
+def test_per_module_sweep_best_recipe_and_streaming_are_bit_exact(setup, tmp_path, monkeypatch):
+    import yaml
+
+    import mergekit_layerswap.tools.sweep_worker as sweep_worker
+
+    fam, recipe, text = setup
+    grid = {"bottom_layers.self_attn": [2, 3], "bottom_layers": [1], "top_layers.mlp": [0, 2]}
+    summary = _run(recipe, tmp_path / "memory", text, grid=grid)
+    rows = [r for r in _rows(tmp_path / "memory") if r["kind"] == "swap"]
+    assert sorted(r["name"] for r in rows) == sorted(f"b.self_attn{b}-b1-u.mlp{u}" for b in (2, 3) for u in (0, 2))
+    best_row = next(r for r in rows if r["name"] == summary["best"]["name"])
+    best_yaml = yaml.safe_load((tmp_path / "memory" / "best.yaml").read_text())
+    assert best_yaml["parameters"]["bottom_layers"] == json.loads(best_row["bottom_layers"])
+    assert best_yaml["parameters"]["bottom_layers"][0]["filter"] == "self_attn"
+    result = run_yaml_inprocess(tmp_path / "memory" / "best.yaml", tmp_path / "merged")
+    assert result.exit_code == 0, result.output
+    digests = {
+        n: hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+        for n, t in load_tensors(str(tmp_path / "merged")).items()
+    }
+    assert digests == json.loads((tmp_path / "memory" / "best_fingerprint.json").read_text())["tensors"]
+    monkeypatch.setattr(sweep_worker, "experts_fit_in_memory", lambda run: False)
+    _run(recipe, tmp_path / "stream", text, grid=grid)
+    assert (tmp_path / "memory" / "results.csv").read_text() == (tmp_path / "stream" / "results.csv").read_text()

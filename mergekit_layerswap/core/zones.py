@@ -149,3 +149,16 @@ def module_classes(values: Iterable[ZoneValue], tensor_names: Iterable[str]) -> 
         for s, names in groups.items()
     ]
     return sorted(classes, key=lambda c: c.label == EVERYTHING_ELSE)  # the rest last
+
+
+def with_layers(value: ZoneValue, filt: Optional[str], layers: int) -> ZoneValue:
+    """``value`` with the layers of one filter set (``filt=None``: the tensors no filter
+    selects); a new filter goes first, so it wins over the ones already there."""
+    if filt is None:
+        if isinstance(value, int):
+            return layers
+        return value[:-1] + ((None, layers),)
+    entries = ((None, value),) if isinstance(value, int) else value
+    if any(f == filt for f, _ in entries):
+        return tuple((f, layers if f == filt else v) for f, v in entries)
+    return ((filt, layers),) + tuple(entries)

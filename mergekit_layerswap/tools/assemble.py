@@ -107,7 +107,7 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
             "role": roles,
             "weight": weights,
             "magnitude": magnitudes,
-            **dataclasses.asdict(recipe.zones),
+            **dataclasses.asdict(recipe.zones.for_tensor(weight.name)),  # as mergekit resolves filters
             "weighting": recipe.weighting,
             "non_layer": recipe.non_layer,
             "transition_shape": recipe.transition_shape,

@@ -19,6 +19,8 @@ from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import OptionError, RecipeError
 from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, SYMBOLS, ZONE_PARAMETERS
+from mergekit_layerswap.core.recipe import check_zone_fit
+from mergekit_layerswap.core.zones import with_layers
 from mergekit_layerswap.tools.sweep_files import ResultsFile, plot, write_best_recipe
 from mergekit_layerswap.tools.sweep_inputs import check_eval_data, eval_items, sweep_record
 from mergekit_layerswap.tools.sweep_strategy import Grid, Halving, Strategy
@@ -28,13 +30,21 @@ BASELINES = ("task-expert", "language-expert", "soup")
 
 
 def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
+    """``NAME=V1,V2``; for a zone, ``NAME.FILTER=V1,V2`` sweeps the layers of the tensors
+    that FILTER selects (per-module zones) and ``NAME=...`` those no filter selects."""
     grid: Dict[str, List[Any]] = {}
     for item in items:
-        name, sep, values = item.partition("=")
+        key, sep, values = item.partition("=")
         if not sep or not values:
             raise OptionError(f"{item!r}: write NAME=V1,V2,... e.g. bottom_layers=3,4,5", "--grid")
+        name, dot, filt = key.partition(".")
         if name not in SWEEPABLE:
             raise OptionError(f"{name!r} cannot be swept; use one of {', '.join(SWEEPABLE)}", "--grid")
+        if dot and (name not in ZONE_PARAMETERS or not filt or filt == "*"):
+            raise OptionError(
+                f"{key!r}: only a zone takes a filter, as NAME.FILTER=V1,V2 e.g. bottom_layers.self_attn=3,4,5",
+                "--grid",
+            )
         parsed = []
         for value in values.split(","):
             if name in ZONE_PARAMETERS:
@@ -45,27 +55,46 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[Any]]:
                 raise OptionError(f"{name}={value}: use one of {', '.join(CHOICE_PARAMETERS[name])}", "--grid")
             else:
                 parsed.append(value)
-        grid[name] = parsed
+        grid[key] = parsed
     if not grid:
         raise OptionError("give at least one NAME=V1,V2,...", "--grid")
     return grid
 
 
-def candidate_name(parameters: Dict[str, Any]) -> str:
-    return "-".join(f"{SYMBOLS[k].replace('_', '') if k in SYMBOLS else k}{v}" for k, v in parameters.items())
+def candidate_name(point: Dict[str, Any]) -> str:
+    def symbol(key: str) -> str:
+        name, dot, filt = key.partition(".")
+        return (SYMBOLS[name].replace("_", "") if name in SYMBOLS else name) + (f".{filt}" if dot else "")
+
+    return "-".join(f"{symbol(k)}{v}" for k, v in point.items())
 
 
-def candidates(grid: Dict[str, List[Any]], num_layers: int, zones: SwapZones) -> Tuple[List[Candidate], List[str]]:
-    """Every grid point whose zones fit the model, and the names of those that do not."""
+def candidates(
+    grid: Dict[str, List[Any]], num_layers: int, zones: SwapZones, layer_names: Sequence[str] = ()
+) -> Tuple[List[Candidate], List[str]]:
+    """Every grid point whose zones fit the model, and the names of those that do not.
+    A candidate's parameters hold each swept zone's whole value (the recipe's other
+    filter entries kept); ``layer_names`` (a decoder layer's tensors) are needed to check
+    per-module zones."""
     fitting, skipped = [], []
-    names = list(grid)
-    for values in itertools.product(*(grid[n] for n in names)):
-        parameters = dict(zip(names, values))
-        zone_values = {k: v for k, v in parameters.items() if k in ZONE_PARAMETERS}
-        if dataclasses.replace(zones, **zone_values).total > num_layers:
-            skipped.append(candidate_name(parameters))
-        else:
-            fitting.append(Candidate(candidate_name(parameters), "swap", parameters))
+    keys = list(grid)
+    for values in itertools.product(*(grid[k] for k in keys)):
+        point = dict(zip(keys, values))
+        parameters = {k: v for k, v in point.items() if k in SWEEPABLE and k not in ZONE_PARAMETERS}
+        swept = dataclasses.asdict(zones)
+        touched = []
+        for key, value in point.items():
+            name, _, filt = key.partition(".")
+            if name in ZONE_PARAMETERS:
+                swept[name] = with_layers(swept[name], filt or None, value)
+                touched.append(name)
+        parameters.update({name: swept[name] for name in ZONE_PARAMETERS if name in touched})
+        try:
+            check_zone_fit(SwapZones(**swept), num_layers, layer_names)
+        except RecipeError:
+            skipped.append(candidate_name(point))
+            continue
+        fitting.append(Candidate(candidate_name(point), "swap", parameters))
     return fitting, skipped
 
 
@@ -149,7 +178,9 @@ def run_sweep(
         raise RecipeError(f"{recipe_path} uses merge_method {config.merge_method!r}; sweep takes a layer_swap recipe")
     run = prepare(config)
     resolve_magnitudes(run, device=device, quiet=quiet)
-    swaps, skipped = candidates(grid, run.info.num_layers, run.recipe.zones)
+    per_module = run.recipe.zones.per_module or any("." in key for key in grid)
+    layer_names = run.info.layer_names(run.recipe.donor) if per_module else ()
+    swaps, skipped = candidates(grid, run.info.num_layers, run.recipe.zones, layer_names)
     if skipped:
         echo(
             f"skipped {len(skipped)} grid points whose zones exceed {run.info.num_layers} layers: {', '.join(skipped)}"

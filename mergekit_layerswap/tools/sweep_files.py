@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from mergekit_layerswap.core.parameters import SWEEPABLE, ZONE_PARAMETERS
+from mergekit_layerswap.core.zones import to_recipe
 from mergekit_layerswap.tools.sweep_inputs import check_resume, is_finite
 
 FIELDS = [
@@ -69,7 +70,7 @@ class ResultsFile:
         row = {
             "name": candidate.name,
             "kind": candidate.kind,
-            **{k: candidate.parameters.get(k, "") for k in SWEEPABLE},
+            **{k: _cell(k, candidate.parameters.get(k, "")) for k in SWEEPABLE},
             "rung": rung,
             "limit": "" if limit is None else limit,
             "metric": score.metric,
@@ -105,6 +106,12 @@ class ResultsFile:
         return ranked[0] if ranked else None
 
 
+def _cell(name: str, value: Any) -> Any:
+    """A results.csv cell: a per-module zone as the JSON of its recipe form (a plain number
+    stays a plain number)."""
+    return json.dumps(to_recipe(value)) if name in ZONE_PARAMETERS and isinstance(value, tuple) else value
+
+
 def _drop_torn_last_line(path: str) -> None:
     """A sweep killed while appending leaves a last line without its newline: drop it (that
     evaluation runs again) so the next row does not glue onto it."""
@@ -121,7 +128,7 @@ def write_best_recipe(recipe_path: str, row: Dict[str, Any], out_path: str) -> N
     parameters = dict(data.get("parameters") or {})
     for name in SWEEPABLE:
         if row.get(name, "") != "":
-            parameters[name] = int(row[name]) if name in ZONE_PARAMETERS else row[name]
+            parameters[name] = json.loads(row[name]) if name in ZONE_PARAMETERS else row[name]
     data["parameters"] = parameters
     header = (
         f"# best of a layer_swap sweep: {row['name']} with {row['metric']} = {float(row['score']):.6g}"

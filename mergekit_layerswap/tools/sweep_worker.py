@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
+from mergekit_layerswap.core.zones import to_recipe
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
         "merge_method": METHOD_NAME,
         "models": [{"model": str(e.model), "parameters": {"role": e.role, "weight": e.weight}} for e in recipe.experts],
         "parameters": {
-            **dataclasses.asdict(recipe.zones),
+            **{name: to_recipe(value) for name, value in dataclasses.asdict(recipe.zones).items()},
             "weighting": recipe.weighting,
             "non_layer": recipe.non_layer,
             "transition_shape": recipe.transition_shape,
