@@ -466,7 +466,7 @@ def test_known_keys_are_mergekits(families):
     """The text check accepts exactly the keys of mergekit's own schema (plus ours)."""
     from mergekit.config import InputModelDefinition, MergeConfiguration
 
-    from mergekit_layerswap.adapter.recipe_schema import recipe_schema
+    from mergekit_layerswap.adapter.recipe_text_schema import recipe_schema
 
     schema = recipe_schema()
     assert schema.top_level == set(MergeConfiguration.model_fields) >= {"models", "parameters", "dtype"}

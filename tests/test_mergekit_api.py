@@ -1,4 +1,4 @@
-"""Fails loudly when the mergekit internals planning.py adapts move.
+"""Fails loudly when the mergekit internals adapter/planner.py adapts move.
 
 Exercises them, not only version strings: a real plan is built with mergekit's
 MergePlanner and every planned tensor is checked for the inputs it reads.

@@ -51,9 +51,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from mergekit_layerswap.adapter import trust
+from mergekit_layerswap.adapter import tensor_checks
 from mergekit_layerswap.adapter.hooks import wrap
-from mergekit_layerswap.adapter.trust import NON_LAYER
+from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.layers import role_shares
 
@@ -96,8 +96,8 @@ def parse(config):
 
 def prepare(config, trust_remote_code: bool = False) -> SwapRun:
     """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
-    from mergekit_layerswap.adapter.checks import read_models
-    from mergekit_layerswap.adapter.recipe_schema import check_dtypes
+    from mergekit_layerswap.adapter.header_checks import read_models
+    from mergekit_layerswap.adapter.recipe_text_schema import check_dtypes
 
     recipe = parse(config)
     check_dtypes(config)
@@ -127,8 +127,8 @@ def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) ->
 
 
 def _check_effective_weights(run: SwapRun) -> None:
-    """weight / m must stay usable (core/weights.py); a tiny m makes it huge."""
-    from mergekit_layerswap.core.weights import check_normalised, weight_values
+    """weight / m must stay usable (core/recipe_value_checks.py); a tiny m makes it huge."""
+    from mergekit_layerswap.core.recipe_value_checks import check_normalised, weight_values
 
     effective = []
     for expert in run.recipe.experts:
@@ -166,7 +166,7 @@ def _normalize_config(original):
     def normalize_config(self):
         if not is_layer_swap(self.config):
             return original(self)
-        from mergekit_layerswap.adapter.checks import check_tensors
+        from mergekit_layerswap.adapter.header_checks import check_tensors
 
         run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
@@ -177,8 +177,8 @@ def _normalize_config(original):
             tokenizer_configured=configured_tokenizer,
             dtype_configured=self.config.dtype is not None,
         )
-        run.integers = trust.integer_tensors(run.recipe.models, stored)
-        trust.check_blended_integers(run.recipe, run.info, run.integers)
+        run.integers = tensor_checks.integer_tensors(run.recipe.models, stored)
+        tensor_checks.check_blended_integers(run.recipe, run.info, run.integers)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
         resolve_magnitudes(run, device=device or "cpu", quiet=self.options.quiet)
         weights = describe_weights(run)
@@ -333,7 +333,7 @@ def _validating_architecture_info(original):
     def get_architecture_info(config, options):
         if not is_layer_swap(config):
             return original(config, options)
-        from mergekit_layerswap.adapter.checks import check_model_files
+        from mergekit_layerswap.adapter.header_checks import check_model_files
         from mergekit_layerswap.adapter.readahead import window_bytes
 
         window_bytes()  # a bad MERGEKIT_LAYERSWAP_READAHEAD_MB is refused before anything is written

@@ -2,7 +2,7 @@
 this package's errors reach the user as one ``Error:`` line, exit status 1, no traceback.
 
 A recipe file whose text says ``merge_method: layer_swap`` is first read and checked by
-this package (``adapter/recipe_schema.py``: unknown keys, nulls, broken YAML, mergekit's
+this package (``adapter/recipe_text_schema.py``: unknown keys, nulls, broken YAML, mergekit's
 own schema errors), before mergekit's callback opens it or creates any directory; other
 files reach mergekit untouched.
 
@@ -28,7 +28,7 @@ def as_click_error(error: LayerSwapError) -> click.ClickException:
 
 def _check_recipe_file(script_name: str, config_file) -> None:
     """Check a layer_swap recipe file before mergekit reads it (other files: nothing)."""
-    from mergekit_layerswap.adapter.recipe_schema import read_multi_recipe_text, read_recipe_text
+    from mergekit_layerswap.adapter.recipe_text_schema import read_multi_recipe_text, read_recipe_text
 
     if not isinstance(config_file, str):
         return

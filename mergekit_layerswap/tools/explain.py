@@ -40,8 +40,8 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
     """Bytes of stored tensors the merge reads from each model (None: not local).
     Expects ``_load_cached_magnitudes`` to have run: an uncached statistic means the
     magnitude pass reads the whole expert and the whole base."""
-    from mergekit_layerswap.adapter.checks import stored_tensors
-    from mergekit_layerswap.adapter.weight_files import tensor_bytes
+    from mergekit_layerswap.adapter.file_checks import tensor_bytes
+    from mergekit_layerswap.adapter.header_checks import stored_tensors
 
     recipe, info = run.recipe, run.info
     magnitude_pass = recipe.weighting == "magnitude"

@@ -1,4 +1,5 @@
-"""What the ``layer_swap`` kernel refuses rather than computing a silently wrong tensor.
+"""Validation stage 4, the tensors: what the ``layer_swap`` kernel refuses rather than
+computing a silently wrong tensor.
 
 * A tensor whose decoder-layer position nobody gave is not a non-layer tensor: the
   planner marks non-layer tensors explicitly (``NON_LAYER``), so a missing position
