@@ -8,7 +8,7 @@ files reach mergekit untouched.
 
 mergekit's click commands print only click exceptions that way; library code here
 raises ``LayerSwapError``, so the command's callback is wrapped once, when its module
-loads (see ``adapter/registration.py``). Other exceptions pass through untouched.
+loads (a row of ``adapter/adaptation.py``). Other exceptions pass through untouched.
 """
 
 from __future__ import annotations
@@ -61,7 +61,11 @@ def translating(callback, script_name: str = ""):
     return run
 
 
-def on_script(script_module) -> None:
-    command = getattr(script_module, "main", None)
-    if isinstance(command, click.Command) and command.callback is not None:
-        command.callback = translating(command.callback, script_module.__name__)
+def translating_run_yaml(callback):
+    """The replacement of ``mergekit-yaml``'s callback (a row of ``adapter/adaptation.py``)."""
+    return translating(callback, "mergekit.scripts.run_yaml")
+
+
+def translating_multimerge(callback):
+    """The replacement of ``mergekit-multi``'s callback (a row of ``adapter/adaptation.py``)."""
+    return translating(callback, "mergekit.scripts.multimerge")
