@@ -33,7 +33,7 @@ from mergekit_layerswap.adapter import tensor_checks
 from mergekit_layerswap.adapter.blend import blend_roles
 from mergekit_layerswap.adapter.mixing import Members, mix_roles
 from mergekit_layerswap.core import METHOD_NAME, PAPER_URL
-from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
+from mergekit_layerswap.core.layers import ROLES, SwapRule, SwapZones
 
 Role = Literal["task", "language"]
 NON_LAYER = tensor_checks.NON_LAYER  # layer_index of a tensor outside the decoder layers
@@ -66,8 +66,11 @@ def layer_swap(
 ) -> torch.Tensor:
     name = group.metadata.name
     layer = tensor_checks.layer_position(layer_index, num_layers, name)
-    zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
-    shares = role_shares(layer, num_layers, zones, non_layer, transition_shape)
+    rule = SwapRule(
+        SwapZones(bottom_layers, top_layers, bottom_transition, top_transition), non_layer, transition_shape
+    )
+    sources = rule.sources(layer, num_layers)
+    shares = sources.shares
     members: Members = {r: [] for r in ROLES}
     used = []  # the entries whose tensors this output is made of
     for entry in group.non_base:
@@ -76,7 +79,7 @@ def layer_swap(
         if weighting == "magnitude":
             w = w / magnitude[entry.id]
         members[entry_role].append((entry.tensor, w))
-        if shares[entry_role] > 0:
+        if sources.reads(entry_role):
             used.append(entry)
     if any(not entry.tensor.is_floating_point() for entry in group.entries):
         return tensor_checks.copied_integer_tensor(used, name)
@@ -85,7 +88,7 @@ def layer_swap(
     else:
         base = group.base.tensor if group.base is not None else None
         result = blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
-        if group.base is not None and sum(share > 0 for share in shares.values()) > 1:
+        if group.base is not None and sources.blends:
             used.append(group.base)
     if len(used) > 1:
         tensor_checks.check_finite(result, used, name)

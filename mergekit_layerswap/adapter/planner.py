@@ -25,7 +25,6 @@ from typing import Any, Dict, Optional, Tuple
 from mergekit_layerswap.adapter import tensor_checks
 from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 from mergekit_layerswap.core import METHOD_NAME
-from mergekit_layerswap.core.layers import role_shares
 
 LOG = logging.getLogger(__name__)
 
@@ -174,13 +173,12 @@ def _plan_tensor(original):
         run: SwapRun = self._layer_swap
         recipe = run.recipe
         layer = self._layer_swap_layer
-        shares = role_shares(layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
-        blending = sum(share > 0 for share in shares.values()) > 1
-        with_base = blending and recipe.base_model is not None and recipe.blend_needs_base
+        sources = recipe.rule.sources(layer, run.info.num_layers)
+        with_base = sources.blends and recipe.base_model is not None and recipe.blend_needs_base
         keep = [
             index
             for index, model in enumerate(models)
-            if (recipe.role_of(model) is not None and (read_all() or shares[recipe.role_of(model)] > 0))
+            if (recipe.role_of(model) is not None and (read_all() or sources.reads(recipe.role_of(model))))
             or (with_base and model == recipe.base_model)
         ]
         planned = len(self._tensors)

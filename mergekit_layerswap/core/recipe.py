@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import LANGUAGE, ROLES, SwapZones
+from mergekit_layerswap.core.layers import LANGUAGE, ROLES, SwapRule, SwapZones
 from mergekit_layerswap.core.parameters import (
     BLEND_PREFIX,
     CHOICE_PARAMETERS,
@@ -59,6 +59,11 @@ class SwapRecipe:
         the first language expert of the recipe (its bottom and top layers, which read
         and write tokens, are the language expert's)."""
         return self.of_role(LANGUAGE)[0].model
+
+    @property
+    def rule(self) -> SwapRule:
+        """The layer rule this recipe sets (``core/layers.py``)."""
+        return SwapRule(self.zones, self.non_layer, self.transition_shape)
 
     def role_of(self, model) -> Optional[str]:
         for e in self.experts:
