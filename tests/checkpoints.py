@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -32,18 +32,39 @@ CONFIGS: Dict[str, tuple] = {
     "gemma2": ("Gemma2Config", {**_LAYERED, "head_dim": 8, "tie_word_embeddings": True}),
     "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 6, "n_head": 4, "n_positions": 64, "tie_word_embeddings": True}),
     "phi3": ("Phi3Config", {**_LAYERED, "num_key_value_heads": 4, "pad_token_id": 0, "tie_word_embeddings": False}),
+    # odd widths (float32 -> bf16 rounding, blocks that do not divide evenly)
+    "llama-odd": (
+        "LlamaConfig",
+        {**_LAYERED, "hidden_size": 36, "intermediate_size": 45, "num_attention_heads": 6, "vocab_size": 97}
+        | {"tie_word_embeddings": False},
+    ),
+    # ~31 MB experts: merges that take long enough to be interrupted
+    "llama-wide": (
+        "LlamaConfig",
+        {**_LAYERED, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8}
+        | {"tie_word_embeddings": False},
+    ),
+    # GPT-NeoX stores integer buffers (attention masks) in some checkpoints
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 6, "num_attention_heads": 4}
+        | {"max_position_embeddings": 16, "tie_word_embeddings": False},
+    ),
 }
 COMMON = {"vocab_size": VOCAB}
 POSITIONS = {"max_position_embeddings": 64}  # every family above but gpt2 (n_positions)
 
 
-def config_of(name: str):
-    """A fresh transformers config for ``CONFIGS[name]`` (callers may change it)."""
+def config_of(name: str, **overrides):
+    """A fresh transformers config for ``CONFIGS[name]``, with ``overrides`` set on it."""
     import transformers
 
     class_name, arguments = CONFIGS[name]
     extra = {} if "n_positions" in arguments else POSITIONS
-    return getattr(transformers, class_name)(**COMMON, **extra, **arguments)
+    config = getattr(transformers, class_name)(**{**COMMON, **extra, **arguments})
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 @dataclass(frozen=True)
@@ -53,6 +74,8 @@ class Arch:
     layer_prefix: str  # the test's own knowledge of where layer N lives
     num_layers: int
     tied: bool = False
+    # the model's parameter name -> the name its checkpoints store it under, where they differ
+    stored_as: Tuple[Tuple[str, str], ...] = ()
 
     def layer_of(self, tensor_name: str) -> Optional[int]:
         head, _, _ = self.layer_prefix.partition("{}")
@@ -61,10 +84,12 @@ class Arch:
         return int(tensor_name[len(head) :].split(".", 1)[0])
 
 
-def _arch(name: str, layer_prefix: str) -> Arch:
+def _arch(name: str, layer_prefix: str, stored_as: Tuple[Tuple[str, str], ...] = ()) -> Arch:
     arguments = CONFIGS[name][1]
     layers = arguments.get("num_hidden_layers", arguments.get("n_layer"))
-    return Arch(name, lambda: config_of(name), layer_prefix, layers, tied=arguments["tie_word_embeddings"])
+    return Arch(
+        name, lambda: config_of(name), layer_prefix, layers, tied=arguments["tie_word_embeddings"], stored_as=stored_as
+    )
 
 
 ARCHS: Dict[str, Arch] = {
@@ -75,9 +100,31 @@ ARCHS: Dict[str, Arch] = {
     "gpt2": _arch("gpt2", "transformer.h.{}."),
     "phi3": _arch("phi3", "model.layers.{}."),
 }
+# the families the session fixture builds (``conftest.families``) are the ones above;
+# these serve single tests
+SPECIAL: Dict[str, Arch] = {
+    "llama-odd": _arch("llama-odd", "model.layers.{}."),
+    "llama-wide": _arch("llama-wide", "model.layers.{}."),
+    # transformers 5 calls the output head lm_head; GPT-NeoX checkpoints store it as embed_out
+    "gpt_neox": _arch("gpt_neox", "gpt_neox.layers.{}.", stored_as=(("lm_head.weight", "embed_out.weight"),)),
+}
 
 
-def stored_layout(config) -> tuple:
+def variant(arch: Arch, name: str, **overrides) -> Arch:
+    """``arch`` with some config values changed (a bigger vocabulary, fewer layers, ...)."""
+    layers = overrides.get("num_hidden_layers", overrides.get("n_layer", arch.num_layers))
+    base = arch.make_config
+
+    def make_config():
+        config = base()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    return Arch(name, make_config, arch.layer_prefix, layers, tied=arch.tied, stored_as=arch.stored_as)
+
+
+def stored_layout(config, stored_as: Tuple[Tuple[str, str], ...] = ()) -> tuple:
     """(model class name, name -> shape of every tensor a transformers checkpoint of
     ``config`` stores): the parameters of the model built on the meta device (no memory,
     no initialisation), a tied output head once (under the embedding's name), as
@@ -86,7 +133,9 @@ def stored_layout(config) -> tuple:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return type(model).__name__, {name: tuple(param.shape) for name, param in model.named_parameters()}
+    renamed = dict(stored_as)
+    shapes = {renamed.get(name, name): tuple(param.shape) for name, param in model.named_parameters()}
+    return type(model).__name__, shapes
 
 
 def _base_value(name: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
@@ -177,7 +226,7 @@ def make_model(
     """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
     config = arch.make_config()
     generator = torch.Generator().manual_seed(seed)
-    model_class, shapes = stored_layout(config)
+    model_class, shapes = stored_layout(config, arch.stored_as)
     if base_path is None:
         tensors = {name: _base_value(name, shape, generator) for name, shape in sorted(shapes.items())}
     else:
