@@ -15,8 +15,8 @@ from mergekit_layerswap.cli.options import device_option
     "grid",
     multiple=True,
     metavar="NAME=V1,V2",
-    help="Values of one recipe parameter to sweep, e.g. bottom_layers=3,4,5 (repeatable; further "
-    "NAME=... words after it count too).",
+    help="Values of one recipe parameter to sweep, e.g. bottom_layers=3,4,5, or one zone filter's, e.g. "
+    "bottom_layers.self_attn=3,4,5 (repeatable; further NAME=... words after it count too).",
 )
 @click.option("--eval", "eval_spec", required=True, help="exact-match:FILE.jsonl | perplexity:FILE.txt | lm-eval:TASK")
 @click.option(
