@@ -415,3 +415,60 @@ def test_missing_matplotlib(planted, tmp_path, monkeypatch):
     result = invoke("analyze", "--base", planted["base"], "--expert", planted["lang"], "--out", tmp_path / "out")
     assert_one_line_error(result, "pip install 'mergekit-layerswap[analysis]'")
     assert not (tmp_path / "out").exists()
+
+
+def _planted_by_module(base, path, seed, attention_layers, other_layers, scale):
+    """A copy of ``base`` whose attention tensors moved in ``attention_layers`` and whose
+    other layer tensors moved in ``other_layers``."""
+    import glob
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(base, path)
+    tensors = load_tensors(base)
+    for stale in glob.glob(os.path.join(path, "*.safetensors*")):
+        os.remove(stale)
+    generator = torch.Generator().manual_seed(seed)
+    for name, tensor in sorted(tensors.items()):
+        layer = LLAMA.layer_of(name)
+        moved = attention_layers if "self_attn" in name else other_layers
+        if layer in moved:
+            tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
+    save_file({n: t.contiguous() for n, t in tensors.items()}, os.path.join(path, "model.safetensors"))
+    return str(path)
+
+
+def test_suggest_per_module_proposes_filter_zones_where_attention_differs(planted, tmp_path):
+    """Attention moved in layers 0-2 and 6-7 of the language expert, the rest only in 0 and 7;
+    the task expert moved everything in 1-6. By hand (relative changes, module docstring):
+    attention b=3 u=2, the rest b=1 u=1, no transitions (an unchanged layer is never close)."""
+    lang = _planted_by_module(planted["base"], tmp_path / "lang", 5, {0, 1, 2, 6, 7}, {0, 7}, 0.03)
+    task = _planted_by_module(planted["base"], tmp_path / "task", 6, {1, 2, 3, 4, 5, 6}, {1, 2, 3, 4, 5, 6}, 0.02)
+    path = tmp_path / "recipe.yaml"
+    args = ["suggest", "--base", planted["base"], "--task", task, "--language", lang, "--quiet", "--no-clip"]
+    result = invoke(*args, "--per-module", "--out", path)
+    assert result.exit_code == 0, result.output
+    params = yaml.safe_load(open(path))["parameters"]
+    assert params["bottom_layers"] == [{"filter": "self_attn", "value": 3}, {"value": 1}]
+    assert params["top_layers"] == [{"filter": "self_attn", "value": 2}, {"value": 1}]
+    assert params["bottom_transition"] == 0 and params["top_transition"] == 0
+    assert "per module, self_attn tensors: b=3 u=2 t_b=0 t_u=0" in result.output
+    assert "per module, the rest: b=1 u=1 t_b=0 t_u=0" in result.output
+    merged = run_yaml_inprocess(path, tmp_path / "merged")
+    assert merged.exit_code == 0, merged.output
+    out, task_t, lang_t = (load_tensors(p) for p in (tmp_path / "merged", task, lang))
+    for layer in range(8):
+        for name, (b, u) in (("self_attn.q_proj.weight", (3, 2)), ("mlp.up_proj.weight", (1, 1))):
+            full = f"model.layers.{layer}.{name}"
+            source = lang_t if layer < b or layer >= 8 - u else task_t
+            assert torch.equal(out[full], source[full]), full
+    # without --per-module nothing changes: one number per zone
+    plain = invoke(*args, "--out", tmp_path / "plain.yaml")
+    assert plain.exit_code == 0, plain.output
+    assert all(
+        isinstance(v, int)
+        for v in yaml.safe_load(open(tmp_path / "plain.yaml"))["parameters"].values()
+        if not isinstance(v, str)
+    )
+    assert "per module" not in plain.output

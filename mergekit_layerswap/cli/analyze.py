@@ -131,9 +131,15 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, devic
 @click.option("--language", required=True, type=MODEL, help="The language expert.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), help="Write the recipe here (default: print it).")
 @click.option("--no-clip", is_flag=True, help="The raw rule, not clipped to the paper's searched ranges.")
+@click.option(
+    "--per-module",
+    is_flag=True,
+    help="Also run the rule on attention tensors and on the rest of each layer, and propose per-module zones "
+    "(filter form) where the two differ.",
+)
 @device_option("Compute the differences on the GPU.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def suggest_command(base, task, language, out_path, no_clip, device, quiet):
+def suggest_command(base, task, language, out_path, no_clip, per_module, device, quiet):
     """Propose bottom/top/transition sizes from the two experts' per-layer changes."""
     from mergekit_layerswap.tools import analysis, suggest
 
@@ -144,7 +150,17 @@ def suggest_command(base, task, language, out_path, no_clip, device, quiet):
         raise click.BadParameter(f"the directory of {out_path} does not exist; create it first", param_hint="--out")
     task_delta, language_delta = analysis.analyze_experts(base, [task, language], device=device, quiet=quiet)
     try:
-        result = suggest.suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(), clip=not no_clip)
+        if per_module:
+            names = [name for name, place in task_delta.places.items() if place.layer is not None]
+            module_filter = suggest.attention_filter(names)
+            if module_filter is None:
+                raise click.BadParameter(
+                    "no attention tensors are told apart by name in this architecture; drop --per-module",
+                    param_hint="--per-module",
+                )
+            result, _ = suggest.suggest_module_zones(language_delta, task_delta, module_filter, clip=not no_clip)
+        else:
+            result = suggest.suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(), clip=not no_clip)
     except ValueError as error:
         raise click.ClickException(f"{error}; both experts must be fine-tuned away from --base") from None
     # the table goes to stderr when the recipe itself goes to stdout (`suggest ... > recipe.yaml`)

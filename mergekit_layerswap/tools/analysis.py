@@ -38,7 +38,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -85,13 +85,14 @@ class ExpertDelta:
     def resolve(self, threshold: Threshold) -> float:
         return self.auto_threshold() if threshold == AUTO else float(threshold)
 
-    def layer_profile(self) -> np.ndarray:
-        """Mean row value per decoder layer, over all rows of all its tensors."""
+    def layer_profile(self, select: Optional[Callable[[str], bool]] = None) -> np.ndarray:
+        """Mean row value per decoder layer, over all rows of all its tensors (or of those
+        whose name ``select`` accepts)."""
         total = np.zeros(self.num_layers)
         rows = np.zeros(self.num_layers)
         for name, values in self.row_mavs.items():
             layer = self.places[name].layer
-            if layer is not None:
+            if layer is not None and (select is None or select(name)):
                 total[layer] += float(values.astype(np.float64).sum())
                 rows[layer] += values.size
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -22,6 +22,13 @@ The rule, for ``L`` layers numbered ``0 .. L-1`` (bottom to top):
    clipped zones no longer fit the model, ``t_u``, ``t_b``, ``u`` and then ``b`` are
    reduced, in that order, until ``b + t_b + t_u + u <= L``. Every change is reported.
    ``clip=False`` returns the raw rule.
+
+Per module (``suggest --per-module``): the same rule on the profiles of one module's
+tensors (attention: the tensors whose name contains ``self_attn``, or the architecture's
+own attention name) and on those of the rest of each layer. Where the two give different
+sizes, that zone is proposed in mergekit's filter form (``core/zones.py``), e.g.
+``bottom_layers: [{filter: self_attn, value: 5}, {value: 3}]``; where they agree it stays
+one number.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.files import atomic_write_text
 from mergekit_layerswap.core.layers import SwapZones, layer_source
 from mergekit_layerswap.core.parameters import BY_NAME, DEFAULTS, ZONE_PARAMETERS
+from mergekit_layerswap.core.zones import text, to_recipe
 
 CLOSE_FACTOR = 1.5
 PAPER_RANGES: Dict[str, Tuple[int, int]] = {name: BY_NAME[name].paper_range for name in ZONE_PARAMETERS}
@@ -50,9 +58,36 @@ class Suggestion:
     raw: SwapZones
     zones: SwapZones  # after clipping (equal to raw with clip=False)
     notes: List[str] = field(default_factory=list)  # what clipping changed
+    per_module: Optional["ModuleSuggestion"] = None  # ``suggest --per-module``
+
+    @property
+    def recipe_zones(self) -> SwapZones:
+        """The zones the written recipe gets: per module where the modules disagree."""
+        return self.per_module.zones if self.per_module is not None else self.zones
 
     def zone_of(self, layer: int, zones: Optional[SwapZones] = None) -> str:
         return layer_source(layer, self.num_layers, zones or self.zones)
+
+
+@dataclass
+class ModuleSuggestion:
+    """The rule on one module's tensors and on the rest of each layer."""
+
+    module_filter: str
+    module: Suggestion
+    rest: Suggestion
+
+    @property
+    def zones(self) -> SwapZones:
+        values = []
+        for name in ZONE_PARAMETERS:
+            own, rest = getattr(self.module.zones, name), getattr(self.rest.zones, name)
+            values.append(rest if own == rest else ((self.module_filter, own), (None, rest)))
+        return SwapZones(*values)
+
+    @property
+    def differs(self) -> bool:
+        return self.zones.per_module
 
 
 def relative_change(profile: Sequence[float]) -> np.ndarray:
@@ -116,6 +151,37 @@ def suggest_zones(language_profile: Sequence[float], task_profile: Sequence[floa
     return Suggestion(len(r_task), r_language, r_task, raw, zones, notes)
 
 
+ATTENTION_NAMES = ("self_attn", "attention", "attn")
+
+
+def attention_filter(layer_tensor_names: Sequence[str]) -> Optional[str]:
+    """The piece of a tensor name that selects a layer's attention (and not all of it)."""
+    for piece in ATTENTION_NAMES:
+        hits = sum(piece in name for name in layer_tensor_names)
+        if 0 < hits < len(layer_tensor_names):
+            return piece
+    return None
+
+
+def suggest_module_zones(
+    language_delta, task_delta, module_filter: str, clip: bool = True
+) -> Tuple[Suggestion, ModuleSuggestion]:
+    """The whole-layer suggestion, with the rule also run on ``module_filter``'s tensors and
+    on the rest of each layer (``ExpertDelta`` inputs)."""
+
+    def inside(name):
+        return module_filter in name
+
+    def outside(name):
+        return module_filter not in name
+
+    whole = suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(), clip=clip)
+    module = suggest_zones(language_delta.layer_profile(inside), task_delta.layer_profile(inside), clip=clip)
+    rest = suggest_zones(language_delta.layer_profile(outside), task_delta.layer_profile(outside), clip=clip)
+    whole.per_module = ModuleSuggestion(module_filter, module, rest)
+    return whole, whole.per_module
+
+
 def reasoning(suggestion: Suggestion, language_name: str = "language", task_name: str = "task") -> str:
     """The per-layer table behind a suggestion, top layer first, and the result."""
     lines = [f"{'layer':>5}  {'r_lang':>8}  {'r_task':>8}  {'lang/task':>9}  {'rule':<10}  suggested"]
@@ -143,6 +209,22 @@ def reasoning(suggestion: Suggestion, language_name: str = "language", task_name
     )
     if zones.total == suggestion.num_layers:
         lines.append("warning: no layer is left for the task expert")
+    per_module = suggestion.per_module
+    if per_module is not None:
+        for label, part in ((f"{per_module.module_filter} tensors", per_module.module), ("the rest", per_module.rest)):
+            z = part.zones
+            lines.append(
+                f"per module, {label}: b={z.bottom_layers} u={z.top_layers} "
+                f"t_b={z.bottom_transition} t_u={z.top_transition}"
+                + (f" (clipped: {'; '.join(part.notes)})" if part.notes else "")
+            )
+        if per_module.differs:
+            chosen = per_module.zones
+            lines.append(
+                "suggested per module: " + " ".join(f"{name}={text(getattr(chosen, name))}" for name in ZONE_PARAMETERS)
+            )
+        else:
+            lines.append("per module: both parts give the same zones; the recipe keeps one number per zone")
     return "\n".join(lines)
 
 
@@ -161,7 +243,7 @@ def recipe(task: Any, language: Any, base: Any, zones: SwapZones) -> Dict[str, A
             {"model": _model_text(language), "parameters": {"role": "language"}},
         ],
         "parameters": {
-            **{name: getattr(zones, name) for name in ZONE_PARAMETERS},
+            **{name: to_recipe(getattr(zones, name)) for name in ZONE_PARAMETERS},
             "weighting": DEFAULTS["weighting"],
             "non_layer": DEFAULTS["non_layer"],
         },
@@ -171,12 +253,17 @@ def recipe(task: Any, language: Any, base: Any, zones: SwapZones) -> Dict[str, A
 def recipe_text(suggestion: Suggestion, task: Any, language: Any, base: Any) -> str:
     import yaml
 
-    zones = suggestion.zones
+    zones = suggestion.recipe_zones
     header = [
         "# Suggested by `mergekit-layerswap suggest` from the experts' per-layer changes.",
         f"# rule: b={suggestion.raw.bottom_layers} u={suggestion.raw.top_layers} "
         f"t_b={suggestion.raw.bottom_transition} t_u={suggestion.raw.top_transition}"
         + ("; clipped to the paper's ranges" if suggestion.notes else ""),
+        *(
+            [f"# per module: {suggestion.per_module.module_filter} tensors and the rest each by the same rule"]
+            if zones.per_module
+            else []
+        ),
         "# Run: mergekit-yaml <this file> <output directory>",
     ]
     body = yaml.safe_dump(recipe(task, language, base, zones), sort_keys=False)
