@@ -187,3 +187,19 @@ def test_explain_and_model_card_show_one_column_per_module_class(families, tmp_p
     assert "| layers | self_attn tensors | mlp tensors | other tensors |" in card
     assert "| 3 | blend of task and language experts | task expert | task expert |" in card
     assert "| 6 | task expert | language expert | task expert |" in card
+
+
+def test_the_rule_answers_per_tensor_and_refuses_to_guess_without_a_name():
+    from mergekit_layerswap.core.layers import SwapRule, SwapZones
+
+    zones = SwapZones(bottom_layers=(("self_attn", 3), (None, 1)), top_layers=0)
+    rule = SwapRule(zones, non_layer="task")
+    assert rule.source(2, 8, ATTN) == "language" and rule.source(2, 8, MLP) == "task"
+    assert rule.sources(2, 8, ATTN).reads("language") and not rule.sources(2, 8, MLP).reads("language")
+    assert rule.sources(None, None).shares == {"task": 1.0, "language": 0.0}  # zones do not apply
+    with pytest.raises(ValueError, match="tensor's name"):
+        rule.sources(2, 8)
+    with pytest.raises(ValueError):
+        _ = zones.total
+    plain = SwapRule(SwapZones(3, 0))
+    assert plain.source(2, 8) == plain.source(2, 8, MLP) == "language"
