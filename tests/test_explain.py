@@ -165,3 +165,26 @@ def test_a_resaved_base_is_recognised_by_the_name_it_was_loaded_from(families, t
     _say_parent(paths.task, card_base="meta-llama/Llama-3.1-8B")
     _say_parent(paths.lang, name_or_path="meta-llama/Meta-Llama-3.1-8B")
     assert _warnings(explain(write_recipe(tmp_path / "r.yaml", swap_recipe(paths, base=True)))) == []
+
+
+def test_lineage_of_a_hub_model_comes_from_the_local_cache_only(tmp_path, monkeypatch):
+    """A hub expert's config.json and card are read from the Hugging Face cache when they are
+    there (a downloaded model), and nothing is fetched when they are not."""
+    import huggingface_hub.constants
+    from mergekit.common import ModelReference
+
+    from mergekit_layerswap.tools.lineage import claimed_bases
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--math-expert" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (cache / "models--org--math-expert" / "refs").mkdir()
+    (cache / "models--org--math-expert" / "refs" / "main").write_text("0123abcd")
+    (snapshot / "config.json").write_text(json.dumps({"_name_or_path": "meta-llama/Llama-3.1-8B"}))
+    (snapshot / "README.md").write_text("---\nbase_model: meta-llama/Llama-3.1-8B-Instruct\n---\n")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert claimed_bases(ModelReference.parse("org/math-expert")) == {
+        "meta-llama/Llama-3.1-8B": "config.json _name_or_path",
+        "meta-llama/Llama-3.1-8B-Instruct": "model card base_model",
+    }
+    assert claimed_bases(ModelReference.parse("org/not-downloaded")) == {}
