@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Per-module zone sizes: mergekit's filter form for the four zone parameters."""
 
 import pytest

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Zone sizes per module: each zone parameter also takes mergekit's filter form.
 
 ``bottom_layers: [{filter: self_attn, value: 5}, {value: 3}]`` takes the attention

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Which base each model says it was fine-tuned from, read from files already on disk.
 
 Layer swapping assumes both experts start from one base; a pair that does not (an
