@@ -32,7 +32,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit_layerswap.adapter.readahead import Readahead, SafetensorsOffsets, tensor_range
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.files import atomic_file, file_identity
+from mergekit_layerswap.core.files import atomic_file, directory_identity
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: inode, ctime and device in the key
@@ -56,11 +56,7 @@ def cache_enabled() -> bool:
 
 
 def _identity(model, local_path: str) -> dict:
-    files = []
-    for name in sorted(os.listdir(local_path)):
-        if name.endswith(WEIGHT_SUFFIXES):
-            files.append([name, file_identity(os.path.join(local_path, name))])
-    return {"model": str(model), "path": os.path.abspath(local_path), "files": files}
+    return directory_identity(model, local_path, WEIGHT_SUFFIXES)
 
 
 def cache_key(expert_path: str, expert, base_path: str, base) -> str:

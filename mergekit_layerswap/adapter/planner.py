@@ -32,9 +32,15 @@ for ``merge_method: layer_swap`` recipes and nothing for any other method:
 * ``mergekit.graph.Executor._run`` - while a layer_swap merge runs, a thread reads the
   input tensors its schedule will load a bounded distance ahead (``readahead.py``); it
   only warms the page cache, mergekit still loads every value itself;
+* ``mergekit.common.ModelReference.merged`` - while a layer_swap merge runs, a LoRA
+  expert's merge cache entry is keyed by the content of its base and adapter, built
+  aside and verified before use (``lora_cache.py``);
 * ``mergekit.io.tensor_writer.TensorWriter._write_shard_task`` - each finished shard of a
   layer_swap merge is handed to the kernel's writeback at once (``output.start_writeback``);
   the bytes are mergekit's own;
+* ``mergekit.scripts.multimerge.make_tasks`` - the device options and the output of
+  every layer_swap stage (each stage and the final) are checked before the first stage
+  runs, by the rules ``run_merge`` applies (``output.check_stage_output``);
 * ``mergekit.scripts.multimerge.MergeModelTask.execute`` - the lazy mode skips a
   layer_swap stage only when its stored ``mergekit_config.yml`` is this stage.
 
@@ -324,6 +330,9 @@ def on_merge(merge_module) -> None:
     wrap(card_module, "is_hf", _local_paths_are_local)
     _require(merge_module.Executor, None, ("_run",))
     wrap(merge_module.Executor, "_run", _reading_ahead)
+    reference_class = sys.modules["mergekit.common"].ModelReference
+    _require(reference_class, None, ("merged",))
+    wrap(reference_class, "merged", _verified_lora_merge)
     writer_class = sys.modules["mergekit.io.tensor_writer"].TensorWriter
     _require(writer_class, None, ("_write_shard_task",))
     wrap(writer_class, "_write_shard_task", _writing_back)
@@ -371,12 +380,15 @@ def _atomic_run_merge(original):
     def run_merge(merge_config, out_path, options, config_source=None, **kwargs):
         if not is_layer_swap(merge_config):
             return original(merge_config, out_path, options, config_source, **kwargs)
+        from mergekit_layerswap.adapter import lora_cache
         from mergekit_layerswap.adapter.output import Writeback, run_atomically
 
         global _WRITEBACK
         outer, _WRITEBACK = _WRITEBACK, Writeback()
         try:
-            return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
+            with lora_cache.active():
+                lora_cache.forget_loaded()
+                return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
         finally:
             _WRITEBACK.close()
             _WRITEBACK = outer
@@ -403,6 +415,12 @@ def _reading_ahead(original):
                 yield handle, value
 
     return _run
+
+
+def _verified_lora_merge(original):
+    from mergekit_layerswap.adapter.lora_cache import verified_merged
+
+    return verified_merged(original)
 
 
 def _writing_back(original):
@@ -458,7 +476,7 @@ def _local_paths_are_local(original):
 
 # ------------------------------------------------- mergekit.scripts.multimerge
 def on_multimerge(multimerge_module) -> None:
-    _require(multimerge_module, None, ("load_config", "MergeModelTask"))
+    _require(multimerge_module, None, ("load_config", "make_tasks", "MergeModelTask"))
     _require(multimerge_module, "MergeModelTask", ("execute", "model_copy"))
     fields = {"lazy", "config_yaml", "out_path", "name"} - set(multimerge_module.MergeModelTask.model_fields)
     if fields:
@@ -467,6 +485,7 @@ def on_multimerge(multimerge_module) -> None:
             f"mergekit lacks; it was verified with mergekit {', '.join(VERIFIED_MERGEKIT_VERSIONS)}"
         )
     wrap(multimerge_module, "load_config", _checking_stages)
+    wrap(multimerge_module, "make_tasks", _checking_stage_outputs)
     wrap(multimerge_module.MergeModelTask, "execute", _lazy_only_when_unchanged)
 
 
@@ -481,11 +500,28 @@ def _checking_stages(original):
     return load_config
 
 
+def _checking_stage_outputs(original):
+    def make_tasks(*args, **kwargs):
+        tasks = original(*args, **kwargs)
+        from mergekit_layerswap.adapter.output import check_stage_output
+
+        for task in tasks:  # every layer_swap stage, before the first stage runs
+            if _stage_is_layer_swap(task):
+                check_stage_output(task.out_path, task.config_yaml, task.options, task.lazy)
+        return tasks
+
+    return make_tasks
+
+
+def _stage_is_layer_swap(task) -> bool:
+    import yaml
+
+    return (yaml.safe_load(task.config_yaml) or {}).get("merge_method") == METHOD_NAME
+
+
 def _lazy_only_when_unchanged(original):
     def execute(self, **kwargs):
-        import yaml
-
-        if not self.lazy or (yaml.safe_load(self.config_yaml) or {}).get("merge_method") != METHOD_NAME:
+        if not self.lazy or not _stage_is_layer_swap(self):
             return original(self, **kwargs)
         from mergekit_layerswap.adapter.output import stored_config_matches
 
