@@ -131,15 +131,23 @@ def test_an_unrelated_finetune_as_output_is_refused_untouched(fam, recipe, tmp_p
     assert siblings(tmp_path) == ["my_finetune"]
 
 
-def test_user_files_with_merge_like_names_in_an_earlier_merge_are_refused(fresh, recipe, tmp_path):
+@pytest.mark.parametrize(
+    "earlier", ["layer_swap", "linear single", "linear sharded"], ids=["layer_swap", "linear", "linear-sharded"]
+)
+def test_user_files_with_merge_like_names_in_an_earlier_merge_are_refused(
+    fresh, linear_merge, recipe, tmp_path, earlier
+):
+    """A re-merge would delete them (mergekit's own linear leaves them; this package refuses)."""
+    source = fresh if earlier == "layer_swap" else linear_merge[earlier.split()[1]]
     target = str(tmp_path / "out")
-    shutil.copytree(fresh, target)
+    shutil.copytree(source, target)
     add_user_files(target)
     before = snapshot(target)
+    kind = "an earlier layer_swap merge" if earlier == "layer_swap" else "an earlier mergekit merge"
     assert_one_line_error(
         run_yaml_inprocess(recipe, target),
         "holds files a merge does not write (model-finetuned-3days.safetensors, tokenizer_training_corpus.txt)",
-        "an earlier layer_swap merge, which did not write them",
+        f"{kind}, which did not write them",
     )
     assert snapshot(target) == before
 
@@ -197,19 +205,6 @@ def test_an_earlier_linear_merge_of_mergekit_is_replaced(linear_merge, fresh, re
     assert siblings(tmp_path) == ["out"]
 
 
-def test_user_files_in_an_earlier_linear_merge_are_refused(linear_merge, recipe, tmp_path):
-    target = str(tmp_path / "out")
-    shutil.copytree(linear_merge["sharded"], target)
-    add_user_files(target)
-    before = snapshot(target)
-    assert_one_line_error(
-        run_yaml_inprocess(recipe, target),
-        "(model-finetuned-3days.safetensors, tokenizer_training_corpus.txt)",
-        "an earlier mergekit merge, which did not write them",
-    )
-    assert snapshot(target) == before
-
-
 def test_an_empty_directory_is_merged_into(fresh, recipe, tmp_path):
     (tmp_path / "out").mkdir()
     result = run_yaml_inprocess(recipe, tmp_path / "out")
@@ -241,7 +236,7 @@ def test_run_merge_refuses_an_unrelated_checkpoint(fam, recipe, tmp_path):
     assert snapshot(target) == before
 
 
-def _multi(fam, tmp_path, final_out=None):
+def _multi(fam, tmp_path, final_out=None, second_zones=None):
     from mergekit.scripts.multimerge import main as multimerge
 
     stages = [
@@ -254,6 +249,7 @@ def _multi(fam, tmp_path, final_out=None):
                     {"model": "first", "parameters": {"role": "task"}},
                     {"model": fam.lang, "parameters": {"role": "language"}},
                 ],
+                **(second_zones or {}),
             ),
         },
     ]
@@ -282,13 +278,19 @@ def test_mergekit_multi_refuses_an_unrelated_checkpoint_before_any_stage(fam, tm
     assert not os.path.exists(tmp_path / "stages" / "first")  # nothing merged before the refusal
 
 
-def test_mergekit_multi_replaces_its_own_earlier_stages(fam, tmp_path):
+def test_mergekit_multi_keeps_users_files_in_its_stages(fam, tmp_path):
+    """Unchanged stages are skipped (lazy) and keep a user's files; a changed stage whose
+    directory holds them is refused before any stage runs."""
     assert _multi(fam, tmp_path).exit_code == 0
     first = snapshot(tmp_path / "stages")
     add_user_files(tmp_path / "stages" / "second")
     result = _multi(fam, tmp_path)  # lazy: both stages unchanged, skipped
     assert result.exit_code == 0, result.output
-    assert {p: h for p, h in snapshot(tmp_path / "stages").items() if p in first} == first
+    before = snapshot(tmp_path / "stages")
+    assert {p: h for p, h in before.items() if p in first} == first and len(before) == len(first) + 2
+    result = _multi(fam, tmp_path, second_zones={"bottom_layers": 3})
+    assert_one_line_error(result, "second holds files a merge does not write (model-finetuned-3days.safetensors")
+    assert snapshot(tmp_path / "stages") == before
 
 
 def test_demo_refuses_an_unrelated_out_before_building(fam, tmp_path):
