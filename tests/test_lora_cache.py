@@ -96,7 +96,7 @@ def test_a_failed_adapter_merge_leaves_no_entry_and_a_fixed_adapter_merges(fam, 
     assert weights_digest(out) == weights_digest(reference)
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated", "no record", "foreign record", "extra file"])
+@pytest.mark.parametrize("damage", ["empty", "truncated", "no record", "foreign record", "extra file", "a file"])
 def test_an_incomplete_or_altered_entry_is_rebuilt(fam, tmp_path, damage):
     adapter = train_adapter(fam, tmp_path / "lora", seed=8)
     recipe = lora_recipe(fam, adapter, tmp_path)
@@ -113,6 +113,9 @@ def test_an_incomplete_or_altered_entry_is_rebuilt(fam, tmp_path, damage):
         shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     elif damage == "no record":
         (entry / ENTRY_RECORD).unlink()
+    elif damage == "a file":
+        shutil.rmtree(entry)
+        entry.write_bytes(b"not a model")
     elif damage == "foreign record":
         (entry / ENTRY_RECORD).write_text('{"key": "0000", "files": {}}')
     else:

@@ -150,7 +150,10 @@ def _build(original, reference, cache_dir, entry, key, trust_remote_code, lora_m
         _record(built, key)
         if os.path.lexists(entry):  # incomplete, altered or foreign: rebuilt
             LOG.warning("LoRA merge cache entry %s is not a complete merge of these inputs: rebuilding it", entry)
-            shutil.rmtree(entry)
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                shutil.rmtree(entry)
+            else:
+                os.remove(entry)
         try:
             os.rename(built, entry)
         except OSError:
