@@ -12,12 +12,14 @@ scratch directory and runs them twice with this interpreter:
   no ``.pth`` file runs and nothing imports ``mergekit_layerswap`` (checked first).
 
 Test files that import helpers the sdist does not ship (``tests/common.py`` and the files
-importing it) are left out and listed. Each case's outcome comes from pytest's JUnit XML;
-the script exits 1 if any case fails (or errors) with the package and passes or is absent
-without it (every case of ``layer_swap`` itself is absent without it), listing them.
+importing it) are left out and listed, unless ``--with-factories`` puts this repository's
+own factories (``mergekit_test_factories.py``) in place of ``tests/common.py``. Each
+case's outcome comes from pytest's JUnit XML; the script exits 1 if any case fails (or
+errors) with the package and passes or is absent without it (every case of ``layer_swap``
+itself is absent without it), listing them.
 mergekit's test files are never copied into this repository.
 
-    python .ci/mergekit_suite.py [--sdist mergekit-0.1.5.tar.gz] [--keep DIR] [FILE ...]
+    python .ci/mergekit_suite.py [--with-factories] [--sdist mergekit-0.1.5.tar.gz] [--keep DIR] [FILE ...]
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import xml.etree.ElementTree as ElementTree
 from importlib.metadata import version
 from typing import Dict, List, Tuple
 
+FACTORIES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mergekit_test_factories.py")
 HELPER_IMPORT = re.compile(r"^\s*from tests\.(common|test_tokenizer) import", re.MULTILINE)
 BAD = ("failed", "error")
 
@@ -58,15 +61,19 @@ def extract_tests(sdist: str, where: str) -> str:
     return os.path.join(where, top)
 
 
-def runnable_files(root: str, wanted: List[str]) -> Tuple[List[str], List[str]]:
-    """(test files that need no helper the sdist lacks, those left out)."""
+def runnable_files(root: str, wanted: List[str], factories: bool = False) -> Tuple[List[str], List[str]]:
+    """(test files to run, those left out): with ``factories``, ``tests/common.py`` is this
+    repository's ``mergekit_test_factories.py`` and every file runs; without, the files that
+    import it (directly or through ``tests.test_tokenizer``) are left out."""
     tests = os.path.join(root, "tests")
+    if factories:
+        shutil.copy(FACTORIES, os.path.join(tests, "common.py"))
     keep, left_out = [], []
     for name in sorted(os.listdir(tests)):
         if not (name.startswith("test_") and name.endswith(".py")) or (wanted and name not in wanted):
             continue
         with open(os.path.join(tests, name), encoding="utf-8") as handle:
-            (left_out if HELPER_IMPORT.search(handle.read()) else keep).append(name)
+            (left_out if HELPER_IMPORT.search(handle.read()) and not factories else keep).append(name)
     return keep, left_out
 
 
@@ -142,13 +149,18 @@ def main() -> int:
     parser.add_argument("files", nargs="*", help="only these test files (e.g. test_merge_method_regressions.py)")
     parser.add_argument("--sdist", help="mergekit's sdist (default: downloaded with pip)")
     parser.add_argument("--keep", help="work in this directory and keep it (default: a temporary one)")
+    parser.add_argument(
+        "--with-factories",
+        action="store_true",
+        help="also run the files importing tests/common.py, with this repository's factories in its place",
+    )
     args = parser.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="mergekit-suite-")
     os.makedirs(work, exist_ok=True)
     try:
         sdist = args.sdist or download_sdist(work)
         root = extract_tests(sdist, work)
-        files, left_out = runnable_files(root, args.files)
+        files, left_out = runnable_files(root, args.files, args.with_factories)
         if not files:
             print("no runnable test files", file=sys.stderr)
             return 1

@@ -62,10 +62,13 @@ def test_a_case_failing_only_with_the_package_is_reported(suite, tmp_path):
     ]  # d fails either way: mergekit's own failure, not this package's
 
 
-def test_files_needing_helpers_the_sdist_lacks_are_left_out(suite, tmp_path):
+def test_files_needing_helpers_the_sdist_lacks_are_left_out_or_get_ours(suite, tmp_path):
     tests = tmp_path / "tests"
     tests.mkdir()
     (tests / "test_plain.py").write_text("def test_x():\n    pass\n")
     (tests / "test_needs.py").write_text("from tests.common import make_picollama\n")
     (tests / "test_tok.py").write_text("import os\nfrom tests.test_tokenizer import make_tokenizer\n")
     assert suite.runnable_files(str(tmp_path), []) == (["test_plain.py"], ["test_needs.py", "test_tok.py"])
+    kept = suite.runnable_files(str(tmp_path), [], factories=True)  # tests/common.py: this repository's factories
+    assert kept == (["test_needs.py", "test_plain.py", "test_tok.py"], [])
+    assert "def make_picollama" in (tests / "common.py").read_text()
