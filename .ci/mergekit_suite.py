@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: LGPL-3.0-only
 """mergekit's own test suite, with and without mergekit-layerswap: no case may fail only
 with the package installed.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Small model factories for mergekit's own tests, written for this repository.
 
 mergekit's sdist ships test files that import ``tests/common.py``, which the sdist does

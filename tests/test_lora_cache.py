@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The LoRA merge cache of a layer_swap merge trusts only entries it can verify
 (adapter/lora_cache.py): an adapter retrained in place is merged again, a failed or
 altered entry is rebuilt, and the output always equals a merge with a fresh cache.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``.ci/mergekit_suite.py``: mergekit's own tests with and without this package. The run
 itself (about 2 minutes, with a download of mergekit's sdist) is in ``.ci/run``; here are
 the two things it relies on: the "without" interpreter really lacks the package, and a case

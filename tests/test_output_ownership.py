@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """A merge replaces only what an earlier merge wrote (adapter/ownership.py), on every path
 that writes an output directory; device options torch cannot honour are refused first
 (adapter/devices.py).

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Devices torch can honour, checked before a merge (or a command) reads anything.
 
 mergekit 0.1.5 passes ``--cuda`` / ``--device`` straight to torch, which fails deep inside

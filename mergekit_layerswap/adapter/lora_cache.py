@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The LoRA merge cache of a ``layer_swap`` merge: entries keyed by content (verified: mergekit 0.1.5).
 
 mergekit's ``ModelReference.merged`` names a cache entry after the base's and the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Which files of an existing output directory an earlier merge wrote (verified: mergekit 0.1.5).
 
 A merge may replace an output directory only when nothing in it would be lost: every
