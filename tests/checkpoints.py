@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import torch
-from safetensors.torch import load_file
+import transformers
+from safetensors.torch import load_file, save_file
 
 VOCAB = 96
 
@@ -24,6 +25,8 @@ class Arch:
     layer_prefix: str  # the test's own knowledge of where layer N lives
     num_layers: int
     tied: bool = False
+    fused_experts: bool = False  # store experts as transformers' in-memory 3-D tensors
+    model_class: str = "AutoModelForCausalLM"  # transformers' own class that loads it
 
     def layer_of(self, tensor_name: str) -> Optional[int]:
         head, _, _ = self.layer_prefix.partition("{}")
@@ -115,6 +118,67 @@ def _phi3():
     )
 
 
+def _mixtral():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        hidden_size=32,
+        intermediate_size=24,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def _qwen3_moe():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def _glm4_moe():
+    from transformers import Glm4MoeConfig
+
+    return Glm4MoeConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
 ARCHS: Dict[str, Arch] = {
     "llama": Arch("llama", _llama, "model.layers.{}.", 8),
     "qwen2": Arch("qwen2", _qwen2, "model.layers.{}.", 6),
@@ -122,6 +186,13 @@ ARCHS: Dict[str, Arch] = {
     "gemma2": Arch("gemma2", _gemma2, "model.layers.{}.", 6, tied=True),
     "gpt2": Arch("gpt2", _gpt2, "transformer.h.{}.", 6, tied=True),
     "phi3": Arch("phi3", _phi3, "model.layers.{}.", 6),
+    # mixture-of-experts: transformers saves one 2-D tensor per expert; the *_fused
+    # variants store the 3-D tensors transformers holds in memory
+    "mixtral": Arch("mixtral", _mixtral, "model.layers.{}.", 6),
+    "mixtral_fused": Arch("mixtral_fused", _mixtral, "model.layers.{}.", 6, fused_experts=True),
+    "qwen3_moe": Arch("qwen3_moe", _qwen3_moe, "model.layers.{}.", 6),
+    "qwen3_moe_fused": Arch("qwen3_moe_fused", _qwen3_moe, "model.layers.{}.", 6, fused_experts=True),
+    "glm4_moe": Arch("glm4_moe", _glm4_moe, "model.layers.{}.", 6),
 }
 
 
@@ -150,13 +221,13 @@ def make_model(
     max_shard_size: Optional[str] = None,
 ) -> str:
     """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
-    from transformers import AutoModelForCausalLM
+    model_class = getattr(transformers, arch.model_class)
 
     torch.manual_seed(seed)
     if base_path is None:
-        model = AutoModelForCausalLM.from_config(arch.make_config())
+        model = model_class.from_config(arch.make_config())
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        model = model_class.from_pretrained(base_path, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -167,10 +238,29 @@ def make_model(
     model = model.to(dtype)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
+    if arch.fused_experts:
+        _store_model_layout(model, path)
     config = model.config
     size = getattr(config, "vocab_size", None) or VOCAB
     _write_tokenizer(path, marker=os.path.basename(path), size=size)
     return path
+
+
+def _store_model_layout(model, path: str) -> None:
+    """Replace the saved weights by the model's own state dict (fused 3-D expert tensors)."""
+    for name in os.listdir(path):
+        if name.endswith(".safetensors") or name.endswith(".index.json"):
+            os.remove(os.path.join(path, name))
+    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def model_tensors(arch: Arch, path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor as transformers' own class holds it after loading ``path``."""
+    model = getattr(transformers, arch.model_class).from_pretrained(path, dtype=torch.float32)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def load_tensors(path: str) -> Dict[str, torch.Tensor]:

@@ -15,9 +15,6 @@ from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.files import looks_like_hub_id
 from mergekit_layerswap.core.recipe import SwapRecipe, check_zone_fit
 
-# config keys whose value > 1 marks a mixture-of-experts model
-_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
 
 @dataclass(frozen=True)
 class ModelsInfo:
@@ -48,6 +45,25 @@ class ModelsInfo:
                 for name in (weight.name,) + tuple(weight.aliases or ()):
                     names[name] = layer
         return names
+
+    @property
+    def model_type(self) -> Optional[str]:
+        """config.json's model_type, which mergekit's loader converts stored tensors by."""
+        return getattr(next(iter(self.configs.values())), "model_type", None)
+
+    def stored_positions(self, model, stored_names) -> Dict[str, Optional[int]]:
+        """Stored tensor name -> decoder layer (None outside the layers) for every stored
+        tensor the output is made of; a tensor stored one 2-D matrix per expert has the
+        position of the fused model-layout tensor it is converted into (``layout.py``)."""
+        from mergekit_layerswap.adapter.layout import model_layout_name
+
+        positions = self.layer_of(model)
+        out: Dict[str, Optional[int]] = {}
+        for name in stored_names:
+            target = name if name in positions else model_layout_name(self.model_type, name)
+            if target in positions:
+                out[name] = positions[target]
+        return out
 
 
 def _all_models(recipe: SwapRecipe) -> List[Any]:
@@ -92,12 +108,6 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
             raise RecipeError(
                 f"{_describe(model, config)} has several modules ({', '.join(arch.modules)}); "
                 f"layer_swap supports single-stack decoder models only"
-            )
-        moe = [k for k in _MOE_CONFIG_KEYS if (getattr(config, k, None) or 0) > 1]
-        if moe or "moe" in config.model_type.lower():
-            raise RecipeError(
-                f"{_describe(model, config)} is a mixture-of-experts model; layer_swap supports "
-                f"dense decoder models only"
             )
         archs[model] = arch
 
@@ -168,6 +178,14 @@ def stored_tensors(model) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     return {name: shapes[name] for name in index.tensor_paths if name in shapes}
 
 
+def stored_sources(info: ModelsInfo, weight, stored, with_tied: bool, by_target=None) -> Optional[List[str]]:
+    """The stored tensors ``weight`` is read from (several for a tensor stored one 2-D
+    matrix per expert), None when the model lacks it."""
+    from mergekit_layerswap.adapter.layout import weight_sources
+
+    return weight_sources(weight, stored, info.model_type, with_tied, by_target)
+
+
 def find_stored(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str]:
     """The name under which a checkpoint stores ``weight`` (aliases, and tied names if asked)."""
     names = [weight.name] + list(weight.aliases or [])
@@ -195,8 +213,15 @@ def check_tensors(
         + [w for layer in range(info.num_layers) for w in module.layer_weights(layer)]
         + module.post_weights()
     )
+    from mergekit_layerswap.adapter.layout import sources_by_target
+
+    targets = {m: sources_by_target(info.model_type, stored[m]) for m in _all_models(recipe)}
+
+    def sources(model, weight, with_tied):
+        return stored_sources(info, weight, stored[model], with_tied, targets[model])
+
     for weight in weights:
-        own = {m: find_stored(weight, stored[m], with_tied=False) for m in experts}
+        own = {m: sources(m, weight, with_tied=False) for m in experts}
         if weight.optional:
             present = [m for m in experts if own[m]]
             if present and len(present) != len(experts) and not tokenizer_configured:
@@ -208,18 +233,21 @@ def check_tensors(
                 )
             if not present:
                 continue
-        found = {m: find_stored(weight, stored[m], with_tied=weight.optional) for m in experts}
-        for model, name in found.items():
-            if name is None:
+        found = {m: sources(m, weight, with_tied=weight.optional) for m in experts}
+        for model, names in found.items():
+            if names is None:
                 raise RecipeError(
                     f"{model} has no tensor {weight.name}, which its architecture "
                     f"({info.arch_info.architectures[0]}) requires; check the checkpoint"
                 )
-        shapes = {m: stored[m][found[m]][0] for m in experts}
+        shapes = {m: _shape_of(stored[m], found[m]) for m in experts}
         if recipe.base_model is not None and recipe.weighting == "magnitude":
-            base_name = find_stored(weight, stored[recipe.base_model], with_tied=weight.optional)
-            if base_name is not None:
-                shapes[recipe.base_model] = stored[recipe.base_model][base_name][0]
+            base_names = sources(recipe.base_model, weight, with_tied=weight.optional)
+            if base_names is not None:
+                shapes[recipe.base_model] = _shape_of(stored[recipe.base_model], base_names)
+        if len({len(names) == 1 for names in found.values()}) > 1:
+            _check_same_size(weight.name, shapes)
+            continue
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{m}: {list(s)}" for m, s in shapes.items())
             if weight.vocabulary_axis is not None and _differ_beyond(shapes, weight.vocabulary_axis):
@@ -235,6 +263,30 @@ def check_tensors(
                 f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes of one base model"
             )
     return stored
+
+
+def _shape_of(stored, names: List[str]):
+    """The stored shape, or for a converted tensor the tuple of its sources' shapes."""
+    if len(names) == 1:
+        return stored[names[0]][0]
+    return tuple(stored[name][0] for name in names)
+
+
+def _check_same_size(name: str, shapes) -> None:
+    """One expert stores ``name`` fused (3-D), another one 2-D tensor per expert: the
+    element counts must agree (the number of experts and their sizes)."""
+
+    def size(shape):
+        if shape and isinstance(shape[0], tuple):
+            return sum(size(s) for s in shape)
+        count = 1
+        for d in shape:
+            count *= d
+        return count
+
+    if len({size(s) for s in shapes.values()}) > 1:
+        listing = ", ".join(f"{m}: {size(s)} values" for m, s in shapes.items())
+        raise RecipeError(f"tensor sizes differ for {name} ({listing}); experts must be fine-tunes of one base model")
 
 
 def _differ_beyond(shapes: Dict[Any, Tuple[int, ...]], axis: int) -> bool:

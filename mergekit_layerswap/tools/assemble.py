@@ -15,7 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_layerswap.adapter.checks import find_stored
+from mergekit_layerswap.adapter.checks import find_stored, stored_sources
+from mergekit_layerswap.adapter.layout import sources_by_target
 from mergekit_layerswap.adapter.trust import NON_LAYER
 
 BASE_ID = "__base__"
@@ -49,15 +50,19 @@ class LoadedExperts:
         if run.recipe.base_model is not None and run.recipe.blend_needs_base:
             models.append(run.recipe.base_model)
         self.tensors: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self.stored_weights: Dict[Any, set] = {}  # weights each model stores without tying
         for model in models:
             loader = LoaderCache().get(model)
             stored = loader.index.tensor_paths
+            by_target = sources_by_target(run.info.model_type, stored)
+            self.stored_weights[model] = {
+                w.name for w, _ in output_weights(run) if stored_sources(run.info, w, stored, False, by_target)
+            }
             own: Dict[str, torch.Tensor] = {}
             for weight, _layer in output_weights(run):
-                name = find_stored(weight, stored, with_tied=weight.optional)
-                if name is None:
+                tensor = _load(model, loader, weight, device, by_target)
+                if tensor is None:
                     continue
-                tensor = loader.get_tensor(name, device=device)
                 if self.dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(self.dtype)
                 own[weight.name] = tensor
@@ -65,9 +70,21 @@ class LoadedExperts:
             self.tensors[model] = own
 
     def stores(self, model, weight) -> bool:
-        from mergekit.io.tasks import LoaderCache
+        return weight.name in self.stored_weights[model]
 
-        return find_stored(weight, LoaderCache().get(model).index.tensor_paths, with_tied=False) is not None
+
+def _load(model, loader, weight, device, by_target):
+    """The tensor as mergekit's loader gives it: stored as is, or converted from one 2-D
+    tensor per expert into the fused model layout (``adapter/layout.py``)."""
+    from mergekit.io.tasks import LoadTensor
+
+    stored = loader.index.tensor_paths
+    name = find_stored(weight, stored, with_tied=weight.optional)
+    if name is not None:
+        return loader.get_tensor(name, device=device)
+    if not by_target.get(weight.name):
+        return None
+    return LoadTensor(model=model, tensor=weight.name, device=device, optional=True).execute()
 
 
 def _setting(setting, name: str, t: float) -> float:

@@ -50,10 +50,11 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         if not _is_local(expert.model):
             result[str(expert.model)] = None
             continue
-        layers = info.layer_of(expert.model)
+        stored = stored_tensors(expert.model)
+        layers = info.stored_positions(expert.model, stored)
         needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
-        for name, (shape, dtype) in stored_tensors(expert.model).items():
+        for name, (shape, dtype) in stored.items():
             shares = role_shares(
                 layers.get(name), info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
             )
