@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import transformers
@@ -27,6 +27,11 @@ class Arch:
     tied: bool = False
     fused_experts: bool = False  # store experts as transformers' in-memory 3-D tensors
     model_class: str = "AutoModelForCausalLM"  # transformers' own class that loads it
+    vision_prefixes: Tuple[str, ...] = ()  # vision tower and projector tensors (VL models)
+    renames: Tuple[Tuple[str, str], ...] = ()  # stored-name prefixes rewritten after saving
+
+    def is_vision(self, tensor_name: str) -> bool:
+        return tensor_name.startswith(self.vision_prefixes) if self.vision_prefixes else False
 
     def layer_of(self, tensor_name: str) -> Optional[int]:
         head, _, _ = self.layer_prefix.partition("{}")
@@ -179,6 +184,101 @@ def _glm4_moe():
     )
 
 
+def _gemma3vl():
+    from transformers import Gemma3Config
+
+    return Gemma3Config(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        ),
+        vision_config=dict(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            vision_use_head=False,  # as in the published Gemma 3 checkpoints
+        ),
+        mm_tokens_per_image=4,
+        boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2,
+        image_token_index=VOCAB - 1,
+    )
+
+
+def _qwen2_5_vl():
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        vision_config=dict(
+            depth=2,
+            hidden_size=16,
+            intermediate_size=24,
+            num_heads=2,
+            out_hidden_size=32,
+            fullatt_block_indexes=[1],
+            window_size=28,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        vision_start_token_id=VOCAB - 3,
+        video_token_id=VOCAB - 2,
+        image_token_id=VOCAB - 1,
+        tie_word_embeddings=False,
+    )
+
+
+def _mistral3():
+    from transformers import Mistral3Config
+
+    return Mistral3Config(
+        text_config=dict(
+            model_type="mistral",
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=VOCAB,
+            max_position_embeddings=64,
+        ),
+        vision_config=dict(
+            model_type="pixtral",
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            head_dim=8,
+        ),
+        image_token_index=VOCAB - 1,
+        spatial_merge_size=2,
+    )
+
+
 ARCHS: Dict[str, Arch] = {
     "llama": Arch("llama", _llama, "model.layers.{}.", 8),
     "qwen2": Arch("qwen2", _qwen2, "model.layers.{}.", 6),
@@ -193,6 +293,35 @@ ARCHS: Dict[str, Arch] = {
     "qwen3_moe": Arch("qwen3_moe", _qwen3_moe, "model.layers.{}.", 6),
     "qwen3_moe_fused": Arch("qwen3_moe_fused", _qwen3_moe, "model.layers.{}.", 6, fused_experts=True),
     "glm4_moe": Arch("glm4_moe", _glm4_moe, "model.layers.{}.", 6),
+    # vision-language: the text decoder's layers follow the rule, the rest `vision`
+    "gemma3vl": Arch(
+        "gemma3vl",
+        _gemma3vl,
+        "language_model.model.layers.{}.",
+        6,
+        tied=True,
+        model_class="AutoModelForImageTextToText",
+        vision_prefixes=("vision_tower.", "multi_modal_projector."),
+        # published Gemma 3 checkpoints (and mergekit's definition) name the tower so
+        renames=(("vision_tower.", "vision_tower.vision_model."),),
+    ),
+    "qwen2_5_vl": Arch(
+        "qwen2_5_vl",
+        _qwen2_5_vl,
+        "model.layers.{}.",
+        6,
+        model_class="AutoModelForImageTextToText",
+        vision_prefixes=("visual.",),
+    ),
+    "mistral3": Arch(
+        "mistral3",
+        _mistral3,
+        "language_model.model.layers.{}.",
+        6,
+        tied=True,
+        model_class="AutoModelForImageTextToText",
+        vision_prefixes=("vision_tower.", "multi_modal_projector."),
+    ),
 }
 
 
@@ -240,6 +369,8 @@ def make_model(
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     if arch.fused_experts:
         _store_model_layout(model, path)
+    if arch.renames:
+        _rename_stored(path, arch.renames)
     config = model.config
     size = getattr(config, "vocab_size", None) or VOCAB
     _write_tokenizer(path, marker=os.path.basename(path), size=size)
@@ -255,6 +386,19 @@ def _store_model_layout(model, path: str) -> None:
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _rename_stored(path: str, renames) -> None:
+    for name in os.listdir(path):
+        if name.endswith(".safetensors"):
+            file = os.path.join(path, name)
+            state = load_file(file)
+            for old, new in renames:
+                state = {
+                    (new + k[len(old) :] if k.startswith(old) and not k.startswith(new) else k): v
+                    for k, v in state.items()
+                }
+            save_file(state, file, metadata={"format": "pt"})
 
 
 def model_tensors(arch: Arch, path: str) -> Dict[str, torch.Tensor]:

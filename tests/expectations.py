@@ -49,6 +49,7 @@ def check_swap(
     atol: float = 1e-6,
     rtol: float = 1e-5,
     model_layout: bool = False,
+    vision: str = "L",
 ) -> Dict[str, int]:
     """Compare every output tensor with its expectation; return counts per kind.
 
@@ -57,7 +58,8 @@ def check_swap(
     transition layer (default 1/2, the paper's flat transition). ``model_layout``
     compares the tensors as transformers' own class loads each checkpoint (so an
     expert stored one 2-D tensor per expert and a fused 3-D output compare alike,
-    and the output must load).
+    and the output must load). ``vision`` is the letter of a vision-language model's
+    vision tower and projector tensors (the recipe's ``vision``; default language).
     """
     assert len(sources) == family.arch.num_layers
     read = (lambda path: model_tensors(family.arch, path)) if model_layout else load_tensors
@@ -67,7 +69,7 @@ def check_swap(
     counts = {"L": 0, "T": 0, "B": 0}
     for name, tensor in out.items():
         layer = family.arch.layer_of(name)
-        kind = sources[layer] if layer is not None else non_layer
+        kind = sources[layer] if layer is not None else vision if family.arch.is_vision(name) else non_layer
         counts[kind] += 1
         if kind == "L":
             assert torch.equal(tensor, lang[name]), f"{name} should be the language expert's"

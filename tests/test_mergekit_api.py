@@ -36,6 +36,7 @@ def test_an_unverified_mergekit_is_named_in_a_warning(caplog):
 
 def test_adapted_functions_are_in_place():
     import mergekit.card
+    import mergekit.io.tasks
     import mergekit.merge
     import mergekit.plan
 
@@ -46,7 +47,9 @@ def test_adapted_functions_are_in_place():
         (mergekit.merge, "generate_card"),
         (mergekit.card, "is_hf"),
         (mergekit.plan.MergePlanner, "normalize_config"),
+        (mergekit.plan.MergePlanner, "plan_module"),
         (mergekit.plan.MergePlanner, "plan_layer"),
+        (mergekit.io.tasks.LoadTensor, "_load_converted_tensor"),
         (mergekit.plan.MergePlanner, "plan_tensor"),
         (mergekit.plan.MergePlanner, "plan_to_disk"),
     ]:

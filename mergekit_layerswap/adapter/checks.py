@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+from mergekit_layerswap.core.architectures import REFUSED, TEXT_MODULE, VISION_LANGUAGE, support_of
 from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.files import looks_like_hub_id
+from mergekit_layerswap.core.layers import VISION
 from mergekit_layerswap.core.recipe import SwapRecipe, check_zone_fit
+
+Position = Union[int, str, None]  # a decoder layer, None (outside the layers) or VISION
 
 
 @dataclass(frozen=True)
@@ -23,27 +27,39 @@ class ModelsInfo:
     configs: Dict[Any, Any]  # ModelReference -> transformers PretrainedConfig
     num_layers: int
 
-    def module(self, model) -> Any:
+    def module(self, model, module_name: Optional[str] = None) -> Any:
+        """The text decoder module (or ``module_name``) configured for ``model``."""
         from mergekit.architecture import ConfiguredModuleArchitecture
 
-        definition = self.arch_info.modules[self.module_name]
+        definition = self.arch_info.modules[module_name or self.module_name]
         return ConfiguredModuleArchitecture(
             info=definition.architecture,
             config=self.configs[model],
             weight_prefix=definition.weight_prefix,
         )
 
-    def layer_of(self, model) -> Dict[str, Optional[int]]:
-        """Tensor name (and aliases) -> decoder layer index, None outside the layers."""
-        module = self.module(model)
-        names: Dict[str, Optional[int]] = {}
-        for weight in module.pre_weights() + module.post_weights():
+    def weights(self, model) -> List[Tuple[Any, Position]]:
+        """(WeightInfo, position) of every tensor mergekit plans, module by module in its
+        order: a decoder layer index, None outside the layers, VISION for every tensor of
+        a vision-language model's other modules (vision tower, projector)."""
+        out: List[Tuple[Any, Position]] = []
+        for name in self.arch_info.modules:
+            module = self.module(model, name)
+            text = name == self.module_name
+            count = self.num_layers if text else (module.num_layers() or 0)
+            out += [(w, None if text else VISION) for w in module.pre_weights()]
+            for layer in range(count):
+                out += [(w, layer if text else VISION) for w in module.layer_weights(layer) or ()]
+            out += [(w, None if text else VISION) for w in module.post_weights()]
+        return out
+
+    def layer_of(self, model) -> Dict[str, Position]:
+        """Tensor name (and aliases) -> decoder layer index, None outside the layers,
+        VISION outside a vision-language model's text decoder."""
+        names: Dict[str, Position] = {}
+        for weight, position in self.weights(model):
             for name in (weight.name,) + tuple(weight.aliases or ()):
-                names[name] = None
-        for layer in range(self.num_layers):
-            for weight in module.layer_weights(layer):
-                for name in (weight.name,) + tuple(weight.aliases or ()):
-                    names[name] = layer
+                names[name] = position
         return names
 
     @property
@@ -98,16 +114,21 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
     for model in _all_models(recipe):
         config = _read_config(model, trust_remote_code)
         configs[model] = config
+        support = support_of((config.architectures or ["?"])[0], config.model_type)
+        if support is not None and support.kind == REFUSED:
+            raise RecipeError(f"{_describe(model, config)}: layer_swap cannot describe it: {support.note}")
         arch = arch_info_for_config(config)
         if arch is None:
             raise RecipeError(
                 f"{_describe(model, config)}: mergekit has no architecture definition for it, "
                 f"so its layers are unknown; use a model of an architecture mergekit supports"
             )
-        if len(arch.modules) != 1:
+        vision_language = support is not None and support.kind == VISION_LANGUAGE and TEXT_MODULE in arch.modules
+        if len(arch.modules) != 1 and not vision_language:
             raise RecipeError(
-                f"{_describe(model, config)} has several modules ({', '.join(arch.modules)}); "
-                f"layer_swap supports single-stack decoder models only"
+                f"{_describe(model, config)} has several modules ({', '.join(arch.modules)}) and is not a "
+                f"vision-language model whose text decoder the rule can place; layer_swap supports decoder "
+                f"models and the vision-language models listed in the README"
             )
         archs[model] = arch
 
@@ -121,7 +142,7 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
                 f"architecture"
             )
     arch_info = archs[first]
-    module_name = next(iter(arch_info.modules))
+    module_name = TEXT_MODULE if TEXT_MODULE in arch_info.modules else next(iter(arch_info.modules))
     module_arch = arch_info.modules[module_name].architecture
     counts = {model: module_arch.num_layers(configs[model]) for model in models}
     if len(set(counts.values())) != 1:
@@ -207,12 +228,7 @@ def check_tensors(
     vocab_hint = (
         "add `tokenizer: {source: base}` (or `source: union`) so mergekit aligns the vocabularies before the swap"
     )
-    module = info.module(experts[0])
-    weights = (
-        module.pre_weights()
-        + [w for layer in range(info.num_layers) for w in module.layer_weights(layer)]
-        + module.post_weights()
-    )
+    weights = [weight for weight, _position in info.weights(experts[0])]
     from mergekit_layerswap.adapter.layout import sources_by_target
 
     targets = {m: sources_by_target(info.model_type, stored[m]) for m in _all_models(recipe)}

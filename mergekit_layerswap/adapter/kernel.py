@@ -37,6 +37,7 @@ from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
 
 Role = Literal["task", "language"]
 NON_LAYER = trust.NON_LAYER  # layer_index of a tensor outside the decoder layers
+VISION = trust.VISION  # layer_index of a vision tower / projector tensor (vision-language models)
 
 
 @merge_method(
@@ -57,17 +58,18 @@ def layer_swap(
     top_transition: NonNegativeInt = 0,
     weighting: Literal["uniform", "magnitude"] = "uniform",
     non_layer: Literal["average", "language", "task"] = "average",
+    vision: Literal["language", "task", "average"] = "language",
     transition_shape: Literal["flat", "linear"] = "flat",
     blend_method: str = "average",
     blend_options: Optional[Tuple[Tuple[str, Any], ...]] = None,
-    layer_index: Union[NonNegativeInt, Literal["non_layer"], None] = None,
+    layer_index: Union[NonNegativeInt, Literal["non_layer", "vision"], None] = None,
     num_layers: Optional[NonNegativeInt] = None,
     magnitude: PerInput[PositiveFloat] = 1.0,
 ) -> torch.Tensor:
     name = group.metadata.name
     layer = trust.layer_position(layer_index, num_layers, name)
     zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
-    shares = role_shares(layer, num_layers, zones, non_layer, transition_shape)
+    shares = role_shares(layer, num_layers, zones, non_layer, transition_shape, vision)
     members: Members = {r: [] for r in ROLES}
     used = []  # the entries whose tensors this output is made of
     for entry in group.non_base:

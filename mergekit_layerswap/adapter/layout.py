@@ -47,6 +47,15 @@ def sources_by_target(model_type: Optional[str], stored_names: Iterable[str]) ->
     return {target: sorted(names) for target, names in out.items()}
 
 
+def loader_sources(loader, model_type: Optional[str]) -> Dict[str, List[str]]:
+    """``sources_by_target`` of a mergekit loader's checkpoint, computed once per loader."""
+    cached = getattr(loader, "_layer_swap_sources", None)
+    if cached is None or cached[0] != model_type:
+        cached = (model_type, sources_by_target(model_type, loader.index.tensor_paths))
+        loader._layer_swap_sources = cached
+    return cached[1]
+
+
 def weight_sources(
     weight, stored: Sequence[str], model_type: Optional[str], with_tied: bool, by_target=None
 ) -> Optional[List[str]]:
@@ -61,12 +70,26 @@ def weight_sources(
     by_target = by_target if by_target is not None else sources_by_target(model_type, stored)
     for name in [weight.name] + list(weight.aliases or []):
         sources = by_target.get(name)
-        if sources and name not in sources and _convertible(model_type, stored, name):
+        if sources and name not in sources and _convertible(model_type, sources, name):
             return sources
     return None
 
 
-def _convertible(model_type, stored, target) -> bool:
+def _convertible(model_type, sources, target) -> bool:
+    """mergekit's own test, given only the stored names that map to ``target`` (they are
+    all it reads; the whole checkpoint's names would make every test O(tensors))."""
     from mergekit.architecture.conversion import can_convert_checkpoint_keys
 
-    return can_convert_checkpoint_keys(model_type, set(stored), target)
+    return can_convert_checkpoint_keys(model_type, set(sources), target)
+
+
+def load_converted(loader, model_type: Optional[str], sources: Sequence[str], target: str, device: str = "cpu"):
+    """``target`` converted from its stored ``sources`` by mergekit's own
+    ``convert_checkpoint_tensors`` (what ``LoadTensor`` does, offered only the sources:
+    mergekit offers every tensor of the checkpoint, which costs O(tensors) per expert
+    tensor, minutes for a 128-expert model stored one 2-D tensor per expert)."""
+    from mergekit.architecture.conversion import convert_checkpoint_tensors
+
+    lazy = {name: (lambda name=name: loader.get_tensor(name, device=device)) for name in sources}
+    tensor = convert_checkpoint_tensors(model_type, lazy, target)
+    return tensor.to(device) if tensor is not None else None

@@ -25,6 +25,7 @@ from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import RecipeError
 
 NON_LAYER = "non_layer"
+VISION = "vision"  # core.layers.VISION: outside a vision-language model's text decoder
 HOW_TO_MERGE = (
     "merge with a recipe through mergekit-yaml (or mergekit.merge.run_merge), or pass "
     "layer_index and num_layers explicitly"
@@ -40,6 +41,8 @@ def layer_position(layer_index, num_layers, name: Optional[str]) -> Optional[int
         )
     if layer_index == NON_LAYER:
         return None
+    if layer_index == VISION:
+        return VISION
     if num_layers is None or not 0 <= layer_index < num_layers:
         raise RecipeError(
             f"{METHOD_NAME}: tensor {name} has layer_index {layer_index} but num_layers is "
@@ -147,7 +150,9 @@ def check_blended_integers(recipe, info, integers: dict) -> None:
     for name in sorted(integers):
         if name not in positions:
             continue  # not part of the architecture: mergekit does not write it
-        shares = role_shares(positions[name], info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
+        shares = role_shares(
+            positions[name], info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape, recipe.vision
+        )
         used = [expert.model for expert in recipe.experts if shares[expert.role] > 0]
         if len(used) < 2:
             continue

@@ -23,6 +23,7 @@ from typing import Dict, Optional
 from mergekit_layerswap.core.parameters import DEFAULTS
 
 LANGUAGE = "language"
+VISION = "vision"  # the position of a tensor outside a vision-language model's text decoder
 TASK = "task"
 BLEND = "blend"
 ROLES = (TASK, LANGUAGE)
@@ -67,16 +68,19 @@ def role_shares(
     zones: SwapZones,
     non_layer: str = "average",
     transition_shape: str = "flat",
+    vision: str = DEFAULTS["vision"],
 ) -> Dict[str, float]:
     """Share of the mixing weight each role gets for one tensor, before the
     experts' own weights apply. ``layer=None`` marks a non-layer tensor
-    (embeddings, final norm, lm_head, anything outside the layer templates)."""
-    if layer is None:
-        if non_layer == "average":
+    (embeddings, final norm, lm_head, anything outside the layer templates);
+    ``layer=VISION`` a vision-language model's vision tower or projector tensor."""
+    if layer is None or layer == VISION:
+        policy, name = (non_layer, "non_layer") if layer is None else (vision, "vision")
+        if policy == "average":
             return {TASK: 0.5, LANGUAGE: 0.5}
-        if non_layer in ROLES:
-            return {role: float(role == non_layer) for role in ROLES}
-        raise ValueError(f"unknown non_layer policy {non_layer!r}")
+        if policy in ROLES:
+            return {role: float(role == policy) for role in ROLES}
+        raise ValueError(f"unknown {name} policy {policy!r}")
     if num_layers is None:
         raise ValueError("num_layers is required for a layer tensor")
     source = layer_source(layer, num_layers, zones)

@@ -40,6 +40,7 @@ class SwapRecipe:
     zones: SwapZones = field(default_factory=SwapZones)
     weighting: str = DEFAULTS["weighting"]
     non_layer: str = DEFAULTS["non_layer"]
+    vision: str = DEFAULTS["vision"]
     transition_shape: str = DEFAULTS["transition_shape"]
     blend_method: str = DEFAULTS["blend_method"]
     blend_options: Tuple[Tuple[str, Any], ...] = ()
@@ -202,6 +203,7 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
         zones=SwapZones(*(shared[name] for name in ZONE_PARAMETERS)),
         weighting=shared["weighting"],
         non_layer=shared["non_layer"],
+        vision=shared["vision"],
         transition_shape=shared["transition_shape"],
         blend_method=shared["blend_method"],
         blend_options=blend_options,

@@ -16,20 +16,15 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from mergekit_layerswap.adapter.checks import find_stored, stored_sources
-from mergekit_layerswap.adapter.layout import sources_by_target
+from mergekit_layerswap.adapter.layout import load_converted, sources_by_target
 from mergekit_layerswap.adapter.trust import NON_LAYER
 
 BASE_ID = "__base__"
 
 
-def output_weights(run) -> List[Tuple[Any, Optional[int]]]:
-    """(WeightInfo, layer index or None) for every tensor mergekit would plan."""
-    module = run.info.module(run.recipe.donor)
-    rows = [(w, None) for w in module.pre_weights()]
-    for layer in range(run.info.num_layers):
-        rows += [(w, layer) for w in module.layer_weights(layer)]
-    rows += [(w, None) for w in module.post_weights()]
-    return rows
+def output_weights(run) -> List[Tuple[Any, Any]]:
+    """(WeightInfo, layer index, None or VISION) for every tensor mergekit would plan."""
+    return run.info.weights(run.recipe.donor)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -60,7 +55,7 @@ class LoadedExperts:
             }
             own: Dict[str, torch.Tensor] = {}
             for weight, _layer in output_weights(run):
-                tensor = _load(model, loader, weight, device, by_target)
+                tensor = _load(model, loader, weight, device, by_target, run.info.model_type)
                 if tensor is None:
                     continue
                 if self.dtype is not None and tensor.is_floating_point():
@@ -73,7 +68,7 @@ class LoadedExperts:
         return weight.name in self.stored_weights[model]
 
 
-def _load(model, loader, weight, device, by_target):
+def _load(model, loader, weight, device, by_target, model_type):
     """The tensor as mergekit's loader gives it: stored as is, or converted from one 2-D
     tensor per expert into the fused model layout (``adapter/layout.py``)."""
     from mergekit.io.tasks import LoadTensor
@@ -82,9 +77,13 @@ def _load(model, loader, weight, device, by_target):
     name = find_stored(weight, stored, with_tied=weight.optional)
     if name is not None:
         return loader.get_tensor(name, device=device)
-    if not by_target.get(weight.name):
+    sources = by_target.get(weight.name)
+    if not sources:
         return None
-    return LoadTensor(model=model, tensor=weight.name, device=device, optional=True).execute()
+    tensor = load_converted(loader, model_type, sources, weight.name, device)
+    if tensor is None:  # mergekit's loader, offered every stored tensor
+        tensor = LoadTensor(model=model, tensor=weight.name, device=device, optional=True).execute()
+    return tensor
 
 
 def _setting(setting, name: str, t: float) -> float:
@@ -106,7 +105,7 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
     for weight, layer in output_weights(run):
         if weight.optional and not any(experts.stores(e.model, weight) for e in recipe.experts):
             continue  # an untied lm_head no expert stores: the output stays tied
-        t = (layer / (info.num_layers - 1) if info.num_layers > 1 else 1.0) if layer is not None else 0.0
+        t = (layer / (info.num_layers - 1) if info.num_layers > 1 else 1.0) if isinstance(layer, int) else 0.0
         entries, roles, weights, magnitudes = [], {}, {}, {}
         for expert in recipe.experts:
             key = str(expert.model)
@@ -127,6 +126,7 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
             **dataclasses.asdict(recipe.zones),
             "weighting": recipe.weighting,
             "non_layer": recipe.non_layer,
+            "vision": recipe.vision,
             "transition_shape": recipe.transition_shape,
             "blend_method": recipe.blend_method,
             "blend_options": recipe.blend_options,

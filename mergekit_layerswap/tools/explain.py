@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
+from mergekit_layerswap.core.layers import BLEND, ROLES, VISION, layer_source, role_shares
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
 from mergekit_layerswap.tools.recipe_file import load_config
 
@@ -55,8 +55,9 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
         for name, (shape, dtype) in stored.items():
+            position = layers.get(name)
             shares = role_shares(
-                layers.get(name), info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
+                position, info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape, recipe.vision
             )
             if needs_all or shares[expert.role] > 0:
                 total += tensor_bytes(shape, dtype)
@@ -121,6 +122,15 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
             }
         )
     non_layer_fractions, non_layer_resolved = mix(role_shares(None, None, recipe.zones, recipe.non_layer))
+    vision = {}
+    if len(info.arch_info.modules) > 1:  # a vision-language model: tower and projector follow `vision`
+        fractions, resolved = mix(role_shares(VISION, None, recipe.zones, vision=recipe.vision))
+        vision = {
+            "vision": recipe.vision,
+            "vision_modules": [m for m in info.arch_info.modules if m != info.module_name],
+            "vision_mix": fractions,
+            "vision_mix_is_final": resolved,
+        }
     return {
         "recipe": path,
         "architecture": info.arch_info.architectures[0],
@@ -142,6 +152,7 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
         "layers": layers,
         "non_layer_mix": non_layer_fractions,
         "non_layer_mix_is_final": non_layer_resolved,
+        **vision,
         "bytes_to_read": _bytes_to_read(run),
     }
 
@@ -190,6 +201,15 @@ def render_text(report: Dict[str, Any]) -> str:
             else ""
         )
     )
+    if "vision" in report:
+        lines.append(
+            f"  vision tower and projector ({', '.join(report['vision_modules'])}): {report['vision']}"
+            + (
+                f", {_mix_text(report['vision_mix'], report['vision_mix_is_final'])}"
+                if len(report["vision_mix"]) > 1
+                else ""
+            )
+        )
     lines.append(f"  config.json, tokenizer and generation config from: {report['config_from']}")
     lines.append("  bytes to read:")
     for model, n in report["bytes_to_read"].items():
