@@ -167,3 +167,7 @@ def markdown_table() -> str:
             checked = {"tests": "tests", "survey": "survey", "no": "—"}[support.checked]
             rows.append(f"| {kind} | `{architecture}` ({model_type}) | {checked} | {support.note} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m mergekit_layerswap.core.architectures
+    print(markdown_table())
