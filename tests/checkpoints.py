@@ -11,6 +11,7 @@ not move when transformers changes its init.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -90,20 +91,41 @@ CONFIGS: Dict[str, tuple] = {
             "tie_word_embeddings": True,
         },
     ),
+    # odd widths (float32 -> bf16 rounding, blocks that do not divide evenly)
+    "llama-odd": (
+        "LlamaConfig",
+        {**_LAYERED, "hidden_size": 36, "intermediate_size": 45, "num_attention_heads": 6, "vocab_size": 97}
+        | {"tie_word_embeddings": False},
+    ),
+    # ~31 MB experts: merges that take long enough to be interrupted
+    "llama-wide": (
+        "LlamaConfig",
+        {**_LAYERED, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8}
+        | {"tie_word_embeddings": False},
+    ),
+    # GPT-NeoX stores integer buffers (attention masks) in some checkpoints
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 6, "num_attention_heads": 4}
+        | {"max_position_embeddings": 16, "tie_word_embeddings": False},
+    ),
 }
 COMMON = {"vocab_size": VOCAB}
 POSITIONS = {"max_position_embeddings": 64}  # every family above but gpt2 (n_positions)
 
 
-def config_of(name: str):
-    """A fresh transformers config for ``CONFIGS[name]`` (callers may change it)."""
+def config_of(name: str, **overrides):
+    """A fresh transformers config for ``CONFIGS[name]``, with ``overrides`` set on it."""
     import transformers
 
     class_name, arguments = CONFIGS[name]
     if "text_config" in arguments:  # a vision-language model: sizes live in the sub-configs
         return getattr(transformers, class_name)(**arguments)
     extra = {} if "n_positions" in arguments else POSITIONS
-    return getattr(transformers, class_name)(**COMMON, **extra, **arguments)
+    config = getattr(transformers, class_name)(**{**COMMON, **extra, **arguments})
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,11 @@ class Arch:
     layer_prefix: str  # the test's own knowledge of where layer N lives
     num_layers: int
     tied: bool = False
+    # the model's parameter name -> the name its checkpoints store it under, where they differ
+    stored_as: Tuple[Tuple[str, str], ...] = ()
+    # MoE / VL: names, splits and buffers as save_pretrained writes them (transformers'
+    # revert_weight_conversion): one 2-D tensor per expert, language_model.model.*, ...
+    saved_layout: bool = False
     fused_experts: bool = False  # store experts as transformers holds them in memory (3-D)
     model_class: str = "AutoModelForCausalLM"  # transformers' own class that loads it
     vision_prefixes: Tuple[str, ...] = ()  # vision tower and projector tensors (VL models)
@@ -128,16 +155,16 @@ class Arch:
         return int(tensor_name[len(head) :].split(".", 1)[0])
 
 
-def _arch(name: str, layer_prefix: str, config: Optional[str] = None, **options) -> Arch:
+def _arch(name: str, layer_prefix: str, stored_as: Tuple[Tuple[str, str], ...] = (), config=None, **options) -> Arch:
     """``config``: the CONFIGS entry, when several test architectures share one."""
     arguments = CONFIGS[config or name][1]
     text = arguments.get("text_config", arguments)
     layers = text.get("num_hidden_layers", text.get("n_layer"))
     tied = arguments["tie_word_embeddings"]
-    return Arch(name, lambda: config_of(config or name), layer_prefix, layers, tied=tied, **options)
+    return Arch(name, lambda: config_of(config or name), layer_prefix, layers, tied, stored_as, **options)
 
 
-_VL = "AutoModelForImageTextToText"
+_VL = dict(model_class="AutoModelForImageTextToText", saved_layout=True)
 
 
 ARCHS: Dict[str, Arch] = {
@@ -149,48 +176,72 @@ ARCHS: Dict[str, Arch] = {
     "phi3": _arch("phi3", "model.layers.{}."),
     # mixture-of-experts: stored as save_pretrained stores them, one 2-D tensor per expert;
     # the *_fused variants store the 3-D tensors transformers holds in memory
-    "mixtral": _arch("mixtral", "model.layers.{}."),
-    "mixtral_fused": _arch("mixtral_fused", "model.layers.{}.", "mixtral", fused_experts=True),
-    "qwen3_moe": _arch("qwen3_moe", "model.layers.{}."),
-    "qwen3_moe_fused": _arch("qwen3_moe_fused", "model.layers.{}.", "qwen3_moe", fused_experts=True),
-    "glm4_moe": _arch("glm4_moe", "model.layers.{}."),
+    "mixtral": _arch("mixtral", "model.layers.{}.", saved_layout=True),
+    "mixtral_fused": _arch("mixtral_fused", "model.layers.{}.", config="mixtral", fused_experts=True),
+    "qwen3_moe": _arch("qwen3_moe", "model.layers.{}.", saved_layout=True),
+    "qwen3_moe_fused": _arch("qwen3_moe_fused", "model.layers.{}.", config="qwen3_moe", fused_experts=True),
+    "glm4_moe": _arch("glm4_moe", "model.layers.{}.", saved_layout=True),
     # vision-language: the text decoder's layers follow the rule, the rest `vision`
     "gemma3vl": _arch(
         "gemma3vl",
         "language_model.model.layers.{}.",
-        model_class=_VL,
         vision_prefixes=("vision_tower.", "multi_modal_projector."),
         # published Gemma 3 checkpoints (and mergekit's definition) name the tower so
         renames=(("vision_tower.", "vision_tower.vision_model."),),
+        **_VL,
     ),
-    "qwen2_5_vl": _arch("qwen2_5_vl", "model.layers.{}.", model_class=_VL, vision_prefixes=("visual.",)),
+    "qwen2_5_vl": _arch("qwen2_5_vl", "model.layers.{}.", vision_prefixes=("visual.",), **_VL),
     "mistral3": _arch(
         "mistral3",
         "language_model.model.layers.{}.",
-        model_class=_VL,
         vision_prefixes=("vision_tower.", "multi_modal_projector."),
+        **_VL,
     ),
+}
+# the families the session fixture builds (``conftest.families``) are the ones above;
+# these serve single tests
+SPECIAL: Dict[str, Arch] = {
+    "llama-odd": _arch("llama-odd", "model.layers.{}."),
+    "llama-wide": _arch("llama-wide", "model.layers.{}."),
+    # transformers 5 calls the output head lm_head; GPT-NeoX checkpoints store it as embed_out
+    "gpt_neox": _arch("gpt_neox", "gpt_neox.layers.{}.", stored_as=(("lm_head.weight", "embed_out.weight"),)),
 }
 
 
-def stored_layout(config, arch: Optional[Arch] = None) -> tuple:
+def variant(arch: Arch, name: str, **overrides) -> Arch:
+    """``arch`` with some config values changed (a bigger vocabulary, fewer layers, ...)."""
+    layers = overrides.get("num_hidden_layers", overrides.get("n_layer", arch.num_layers))
+    base = arch.make_config
+
+    def make_config():
+        config = base()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    return dataclasses.replace(arch, name=name, make_config=make_config, num_layers=layers)
+
+
+def stored_layout(config, stored_as: Tuple[Tuple[str, str], ...] = (), arch: Optional[Arch] = None) -> tuple:
     """(model class name, name -> shape of every tensor a transformers checkpoint of
     ``config`` stores): the parameters of the model built on the meta device (no memory,
-    no initialisation), a tied output head once (under the embedding's name), renamed and
-    split as ``save_pretrained`` writes them (transformers' own
-    ``revert_weight_conversion``: one 2-D tensor per expert, ``language_model.model.*``),
-    unless ``arch.fused_experts`` keeps the in-memory layout; then ``arch.renames``."""
+    no initialisation), a tied output head once (under the embedding's name), as
+    ``save_pretrained`` writes it. With ``arch.saved_layout`` also its persistent buffers,
+    renamed and split by transformers' own ``revert_weight_conversion`` (what
+    ``save_pretrained`` does); then ``arch.renames``."""
     import transformers
-    from transformers.core_model_loading import revert_weight_conversion
 
     with torch.device("meta"):
         model = getattr(transformers, arch.model_class if arch else "AutoModelForCausalLM").from_config(config)
     state = dict(model.named_parameters())
-    persistent = set(model.state_dict())  # buffers a checkpoint stores (glm4_moe's router bias)
-    state.update({name: buffer for name, buffer in model.named_buffers() if name in persistent})
-    if not (arch and arch.fused_experts):
+    if arch is not None and arch.saved_layout:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        persistent = set(model.state_dict())  # buffers a checkpoint stores (glm4_moe's router bias)
+        state.update({name: buffer for name, buffer in model.named_buffers() if name in persistent})
         state = revert_weight_conversion(model, state)
-    shapes = {name: tuple(param.shape) for name, param in state.items()}
+    renamed = dict(stored_as)
+    shapes = {renamed.get(name, name): tuple(param.shape) for name, param in state.items()}
     for old, new in arch.renames if arch else ():
         shapes = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in shapes.items()}
     return type(model).__name__, shapes
@@ -284,7 +335,7 @@ def make_model(
     """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
     config = arch.make_config()
     generator = torch.Generator().manual_seed(seed)
-    model_class, shapes = stored_layout(config, arch)
+    model_class, shapes = stored_layout(config, arch.stored_as, arch)
     if base_path is None:
         tensors = {name: _base_value(name, shape, generator) for name, shape in sorted(shapes.items())}
     else:

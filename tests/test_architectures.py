@@ -61,7 +61,7 @@ def test_rows_marked_tests_name_checkpoints_of_that_architecture(key):
     for name in support.tests:
         arch = ARCHS[name]  # a family the merge tests build
         config = arch.make_config()
-        model_class, _shapes = stored_layout(config, arch)
+        model_class, _shapes = stored_layout(config, arch.stored_as, arch)
         assert (model_class, config.model_type) == (architecture, model_type), name
 
 

@@ -15,9 +15,9 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_layerswap.adapter.checks import find_stored, stored_sources
+from mergekit_layerswap.adapter.header_checks import find_stored, stored_sources
 from mergekit_layerswap.adapter.layout import load_converted, sources_by_target
-from mergekit_layerswap.adapter.trust import NON_LAYER
+from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 
 BASE_ID = "__base__"
 
