@@ -7,7 +7,7 @@ Models: two experts with Qwen3-30B-A3B's widths (128 experts of intermediate 768
 hidden 2048, 32 query / 4 key-value heads of 128, vocabulary 151936, untied lm_head) and
 ``--layers`` decoder layers, stored as transformers' ``save_pretrained`` stores them: one
 2-D bf16 tensor per expert matrix (384 per layer), sharded, with a Qwen3MoeForCausalLM
-config.json. A second pair, ``many``, has the real model's 48 layers (18,867 stored
+config.json. A second pair, ``many``, has ``--many-layers`` (the real model: 48, 18,867 stored
 tensors) at tiny widths (hidden 64, 128 experts of intermediate 16, vocabulary 1024),
 so the merge's per-tensor cost shows rather than its bytes; its shards hold at most 1,200
 tensors, as the published checkpoint's 16 shards do (mergekit's loader looks a tensor up
@@ -167,22 +167,32 @@ def main():
     ap.add_argument("--jobs", default=",".join(JOBS))
     ap.add_argument("--json", default=os.path.join(HERE, "results", "moe.json"))
     ap.add_argument("--data", default=os.path.join(HERE, "data"))
+    ap.add_argument("--many-layers", type=int, default=48, help="layers of the many-tensor pair (real: 48)")
     ap.add_argument("--clean", action="store_true", help="delete the generated models at the end")
     opts = ap.parse_args()
     jobs = [j for j in JOBS if j in opts.jobs.split(",")]
     wide = os.path.join(opts.data, f"moe-L{opts.layers}")
-    many = os.path.join(opts.data, "moe-many")
+    many = os.path.join(opts.data, f"moe-many-L{opts.many_layers}")
     if any(j in jobs for j in ("a", "w", "c")):
         generate(f"moe-L{opts.layers}", WIDTHS, opts.layers, wide)
     if "many_a" in jobs:
-        generate("moe-many", MANY, 48, many)
+        generate("moe-many", MANY, opts.many_layers, many)
     few = dict(bottom_layers=0, top_layers=0, bottom_transition=1, top_transition=opts.layers - 1)
     whole = dict(bottom_layers=opts.layers, top_layers=0)
     paths = {}
     for job, data, zones in (
         ("a", wide, few),
         ("w", wide, whole),
-        ("many_a", many, dict(bottom_layers=0, top_layers=0, bottom_transition=24, top_transition=24)),
+        (
+            "many_a",
+            many,
+            dict(
+                bottom_layers=0,
+                top_layers=0,
+                bottom_transition=opts.many_layers // 2,
+                top_transition=opts.many_layers - opts.many_layers // 2,
+            ),
+        ),
     ):
         os.makedirs(data, exist_ok=True)
         paths[job] = os.path.join(data, f"recipe_{job}.yaml")
@@ -229,7 +239,7 @@ def main():
             reads = stored * (2 if job == "a" else 1)
             summary[f"{job} stored tensors read per second"] = reads / med[job]["job_s"]
     if "many_a" in med:
-        stored = len(tensor_specs(MANY, 48))
+        stored = len(tensor_specs(MANY, opts.many_layers))
         summary["many_a stored tensors"] = stored
         summary["many_a stored tensors read per second (both experts)"] = 2 * stored / med["many_a"]["job_s"]
         summary["many_a job s"] = med["many_a"]["job_s"]

@@ -160,3 +160,39 @@ def test_sweep_assembles_moe_candidates_like_mergekit_yaml(families, tmp_path):
         if fam.arch.layer_of(name) is not None:
             assert torch.equal(tensor, task[name]), name
     assert os.path.isdir(out)
+
+
+def test_suggest_recovers_planted_zones_of_a_moe_pair(tmp_path):
+    """The language expert changed layers 0-1 and 5 (every expert matrix of them), the task
+    expert 2-4: suggest proposes b=2, u=1 and its recipe merges."""
+    import yaml
+    from checkpoints import make_model
+
+    from mergekit_layerswap.cli.main import main
+
+    arch = ARCHS["qwen3_moe"]
+    base = make_model(arch, str(tmp_path / "base"), seed=1)
+    lang = make_model(
+        arch, str(tmp_path / "lang"), seed=3, base_path=base, noise_by_layer={0: 0.03, 1: 0.03, 5: 0.03, None: 0.01}
+    )
+    task = make_model(arch, str(tmp_path / "task"), seed=2, base_path=base, noise_by_layer={2: 0.02, 3: 0.02, 4: 0.02})
+    path = tmp_path / "suggested.yaml"
+    args = ["suggest", "--base", base, "--task", task, "--language", lang, "--out", str(path), "--quiet", "--no-clip"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    recipe = yaml.safe_load(path.read_text())
+    zones = recipe["parameters"]
+    assert (zones["bottom_layers"], zones["top_layers"]) == (2, 1)
+    assert zones.get("bottom_transition", 0) == zones.get("top_transition", 0) == 0
+    fam = Family(arch, base, task, lang)
+    out = merge(tmp_path, recipe)
+    check_swap(
+        out,
+        fam,
+        "LLTTTL",
+        non_layer="B" if zones.get("non_layer", "average") == "average" else "L",
+        w_task=1 / row_mav_mean(task, base) if zones.get("weighting") == "magnitude" else 1.0,
+        w_lang=1 / row_mav_mean(lang, base) if zones.get("weighting") == "magnitude" else 1.0,
+        rtol=1e-4,
+        model_layout=True,
+    )
