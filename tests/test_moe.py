@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from checkpoints import ARCHS, fused_copy, load_tensors, model_tensors
+from checkpoints import ARCHS, fused_copy, load_tensors, make_model, model_tensors
 from click.testing import CliRunner
 from expectations import check_swap, row_mav_mean
 from helpers import Family, merge, swap_recipe, write_recipe
@@ -196,3 +196,23 @@ def test_suggest_recovers_planted_zones_of_a_moe_pair(tmp_path):
         rtol=1e-4,
         model_layout=True,
     )
+
+
+def test_experts_stored_differently_merge_and_other_expert_counts_are_refused(families, tmp_path):
+    """One expert stored one 2-D tensor per expert, the other fused: the same merge. An
+    expert with another number of experts is refused in one line before anything is written."""
+    from checkpoints import variant
+    from helpers import refused
+
+    fam = families("mixtral")
+    lang = fused_copy(fam.arch, fam.lang, str(tmp_path / "lang_fused"))
+    mixed = Family(fam.arch, fam.base, fam.task, lang)
+    (tmp_path / "mixed").mkdir()
+    out = merge(tmp_path / "mixed", swap_recipe(mixed, **ZONED))
+    check_swap(out, mixed, SOURCES, model_layout=True)
+
+    fewer = variant(fam.arch, "mixtral-3", num_local_experts=3)
+    other = make_model(fewer, str(tmp_path / "three"), seed=5)
+    (tmp_path / "refused").mkdir()
+    wrong = Family(fam.arch, fam.base, fam.task, fused_copy(fewer, other, str(tmp_path / "three_fused")))
+    refused(tmp_path / "refused", swap_recipe(wrong, **ZONED), "tensor sizes differ", "experts")
