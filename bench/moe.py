@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# SPDX-License-Identifier: LGPL-3.0-only
 """Benchmark layer_swap at mixture-of-experts widths (issue 19). Not a test.
 
     nice python bench/moe.py --layers 2 --repeats 2 --json bench/results-committed/moe-qwen3-30b-a3b-L2.json

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The README's architecture list stays true: it is core/architectures.py's table, the
 table has one row per definition mergekit 0.1.5 has, each row's kind fits the
 definition's structure, and every row marked ``tests`` names checkpoints of exactly

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Mixture-of-experts decoders: a layer (router, every expert, shared experts, norms) is
 taken whole from the expert the rule picks; transition layers and soups blend elementwise.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Vision-language models: the rule places the text decoder's layers (mergekit's
 ``text_decoder`` module); the vision tower and projector follow ``vision``. The vision
 towers have their own ``layers.N``: they must never be taken for decoder layers.

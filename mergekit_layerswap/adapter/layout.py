@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Checkpoint layout versus model layout (mixture-of-experts checkpoints).
 
 transformers 5 holds a mixture-of-experts layer's experts as fused 3-D tensors
@@ -93,3 +94,22 @@ def load_converted(loader, model_type: Optional[str], sources: Sequence[str], ta
     lazy = {name: (lambda name=name: loader.get_tensor(name, device=device)) for name in sources}
     tensor = convert_checkpoint_tensors(model_type, lazy, target)
     return tensor.to(device) if tensor is not None else None
+
+
+def load_weight(model, loader, weight, device: str, by_target: Dict[str, List[str]], model_type: Optional[str]):
+    """``weight`` of ``model`` as mergekit's loader gives it (None when not stored): stored
+    as is, or converted from one 2-D tensor per expert into the fused model layout."""
+    from mergekit.io.tasks import LoadTensor
+
+    stored = loader.index.tensor_paths
+    names = [weight.name, *(weight.aliases or ()), *((weight.tied_names or ()) if weight.optional else ())]
+    name = next((n for n in names if n in stored), None)
+    if name is not None:
+        return loader.get_tensor(name, device=device)
+    sources = by_target.get(weight.name)
+    if not sources:
+        return None
+    tensor = load_converted(loader, model_type, sources, weight.name, device)
+    if tensor is None:  # mergekit's loader, offered every stored tensor
+        tensor = LoadTensor(model=model, tensor=weight.name, device=device, optional=True).execute()
+    return tensor

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """What layer_swap does with each architecture mergekit 0.1.5 defines: knowledge as data.
 
 Every definition (``mergekit/_data/architectures/*.json`` and the Python ones in
