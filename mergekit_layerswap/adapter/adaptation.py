@@ -64,12 +64,19 @@ PATCHES: tuple[Patch, ...] = (
     Patch("merge", "mergekit.merge", "", "_get_donor_model", f"{PLANNER}:_with_donor_as_base"),
     # tensor headers checked and magnitude statistics computed, before anything is written
     Patch("planner", "mergekit.plan", "MergePlanner", "normalize_config", f"{PLANNER}:_normalize_config"),
+    # the module mergekit is planning: in a vision-language model only the text decoder's
+    # layers are decoder layers; its other modules (vision tower, projector) follow `vision`
+    Patch("planner", "mergekit.plan", "MergePlanner", "plan_module", f"{PLANNER}:_plan_module"),
     # the decoder-layer index mergekit is planning (from its architecture definition)
     Patch("planner", "mergekit.plan", "MergePlanner", "plan_layer", f"{PLANNER}:_plan_layer"),
     # only the experts whose role the tensor needs, plus its position and magnitudes
     Patch("planner", "mergekit.plan", "MergePlanner", "plan_tensor", f"{PLANNER}:_plan_tensor"),
     # integer tensors are saved in their own dtype, not out_dtype
     Patch("planner", "mergekit.plan", "MergePlanner", "plan_to_disk", f"{PLANNER}:_plan_to_disk"),
+    # a tensor stored one 2-D tensor per expert is converted by mergekit's own
+    # convert_checkpoint_tensors from only its stored sources (layout.py), not from every
+    # tensor of the checkpoint (O(tensors) per expert tensor); same values
+    Patch("loader", "mergekit.io.tasks", "LoadTensor", "_load_converted_tensor", f"{PLANNER}:_converting_from_sources"),
     # a thread warms the input bytes the schedule reads next (readahead.py)
     Patch("executor", "mergekit.graph", "Executor", "_run", f"{PLANNER}:_reading_ahead"),
     # each finished shard goes to the kernel's writeback at once (output.py)
