@@ -23,12 +23,13 @@ this module implements.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from mergekit_layerswap.core.parameters import DEFAULTS
 from mergekit_layerswap.core.zones import ZoneValue, resolve
 
 LANGUAGE = "language"
+VISION = "vision"  # the position of a tensor outside a vision-language model's text decoder
 TASK = "task"
 BLEND = "blend"
 ROLES = (TASK, LANGUAGE)
@@ -92,16 +93,19 @@ def role_shares(
     zones: SwapZones,
     non_layer: str = "average",
     transition_shape: str = "flat",
+    vision: str = DEFAULTS["vision"],
 ) -> Dict[str, float]:
     """Share of the mixing weight each role gets for one tensor, before the
     experts' own weights apply. ``layer=None`` marks a non-layer tensor
-    (embeddings, final norm, lm_head, anything outside the layer templates)."""
-    if layer is None:
-        if non_layer == "average":
+    (embeddings, final norm, lm_head, anything outside the layer templates);
+    ``layer=VISION`` a vision-language model's vision tower or projector tensor."""
+    if layer is None or layer == VISION:
+        policy, name = (non_layer, "non_layer") if layer is None else (vision, "vision")
+        if policy == "average":
             return {TASK: 0.5, LANGUAGE: 0.5}
-        if non_layer in ROLES:
-            return {role: float(role == non_layer) for role in ROLES}
-        raise ValueError(f"unknown non_layer policy {non_layer!r}")
+        if policy in ROLES:
+            return {role: float(role == policy) for role in ROLES}
+        raise ValueError(f"unknown {name} policy {policy!r}")
     if num_layers is None:
         raise ValueError("num_layers is required for a layer tensor")
     source = layer_source(layer, num_layers, zones)
@@ -144,7 +148,7 @@ class TensorSources:
 
 @dataclass(frozen=True)
 class SwapRule:
-    """A recipe's rule: its zones, its non-layer choice and its transition shape.
+    """A recipe's rule: its zones, its non-layer and vision choices and its transition shape.
 
     With per-module zones the answer depends on the tensor, so ``tensor_name`` is
     required then (the name mergekit resolves the zone filters against)."""
@@ -152,21 +156,22 @@ class SwapRule:
     zones: SwapZones = SwapZones()
     non_layer: str = DEFAULTS["non_layer"]
     transition_shape: str = DEFAULTS["transition_shape"]
+    vision: str = DEFAULTS["vision"]
 
     def sources(
-        self, layer: Optional[int], num_layers: Optional[int], tensor_name: Optional[str] = None
+        self, layer: Union[int, str, None], num_layers: Optional[int], tensor_name: Optional[str] = None
     ) -> TensorSources:
         """For the tensor of decoder layer ``layer`` of ``num_layers`` (``None``: a
-        non-layer tensor)."""
+        non-layer tensor; ``VISION``: a vision tower or projector tensor)."""
         zones = self._zones(layer, tensor_name)
-        return TensorSources(role_shares(layer, num_layers, zones, self.non_layer, self.transition_shape))
+        return TensorSources(role_shares(layer, num_layers, zones, self.non_layer, self.transition_shape, self.vision))
 
     def source(self, layer: int, num_layers: int, tensor_name: Optional[str] = None) -> str:
         """``language``, ``task`` or ``blend`` for decoder layer ``layer``."""
         return layer_source(layer, num_layers, self._zones(layer, tensor_name))
 
-    def _zones(self, layer: Optional[int], tensor_name: Optional[str]) -> SwapZones:
-        if not self.zones.per_module or layer is None:  # zones do not apply outside the layers
+    def _zones(self, layer: Union[int, str, None], tensor_name: Optional[str]) -> SwapZones:
+        if not self.zones.per_module or not isinstance(layer, int):  # zones apply to decoder layers only
             return self.zones
         if tensor_name is None:
             raise ValueError("per-module zones: the rule needs the tensor's name")
