@@ -342,3 +342,62 @@ def test_the_report_fills_measured_cells_and_marks_the_others(tmp_path):
     )
     assert row["difference"] == pytest.approx(-0.2, abs=0.01) and row["reading"] == "better"
     assert results["table"]["soup"]["answer loss, Swahili"] is None
+
+
+def test_the_users_mgsm_file_is_read_and_a_bad_line_refused(tmp_path):
+    good = tmp_path / "mgsm_sw.tsv"
+    good.write_text("Janet ana bata 16. Anauza mangapi?\t18\nSwali la pili\t1,000\n", encoding="utf-8")
+    rows = splits.read_mgsm_tsv(str(good))
+    assert [(r["id"], r["answer"]) for r in rows] == [("mgsm-sw-000", "18"), ("mgsm-sw-001", "1,000")]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("Swali bila jibu\n", encoding="utf-8")
+    with pytest.raises(DataError, match="line 1"):
+        splits.read_mgsm_tsv(str(bad))
+
+
+# --- merges -----------------------------------------------------------------------------
+
+
+def test_every_sweep_recipe_parses_and_fits_24_layers():
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_layerswap.core.recipe import parse_recipe
+    from mergekit_layerswap.evidence import merges
+
+    for name, (_, changes) in merges.SWEEP.items():
+        recipe = parse_recipe(MergeConfiguration.model_validate(merges.swap_recipe("b", "t", "l", changes)))
+        zones = recipe.zones
+        assert zones.total + 1 <= 24, name  # at least one layer stays the task expert's
+        assert ("base_model" in merges.swap_recipe("b", "t", "l", changes)) == (changes.get("weighting") == "magnitude")
+    default = merges.swap_recipe("b", "t", "l")["parameters"]
+    assert (default["bottom_layers"], default["top_layers"]) == (round(5 * 24 / 32), round(2 * 24 / 32))
+
+
+def test_the_swap_and_the_soup_come_out_of_plain_mergekit_yaml(tmp_path):
+    from checkpoints import ARCHS, load_tensors, make_model
+    from helpers import run_yaml_inprocess
+
+    from mergekit_layerswap.evidence import merges
+
+    arch = ARCHS["llama"]  # 8 layers
+    base = make_model(arch, str(tmp_path / "base"), seed=0)
+    task = make_model(arch, str(tmp_path / "task"), seed=1, base_path=base)
+    language = make_model(arch, str(tmp_path / "language"), seed=2, base_path=base)
+    recipe = merges.swap_recipe(base, task, language, {"bottom_layers": 2, "top_layers": 1})
+    swap = str(tmp_path / "swap")
+    merges.merge(merges.write_recipe(recipe, str(tmp_path / "r" / "swap.yaml"), "test"), swap)
+    soup = str(tmp_path / "soup")  # the same console script's code, in this process (no second start-up)
+    result = run_yaml_inprocess(
+        merges.write_recipe(merges.soup_recipe(task, language), str(tmp_path / "soup.yaml"), "t"), soup
+    )
+    assert result.exit_code == 0, result.output
+    t, lang, s, p = (load_tensors(x) for x in (task, language, swap, soup))
+    for name in t:
+        layer = arch.layer_of(name)
+        if layer is None:
+            expected = (t[name] + lang[name]) / 2  # non_layer: average
+        else:
+            expected = lang[name] if layer < 2 or layer > 6 else t[name]
+        assert torch.allclose(s[name], expected, atol=1e-7), name
+        assert torch.allclose(p[name], (t[name] + lang[name]) / 2, atol=1e-7), name
+    assert not os.path.exists(swap + ".partial")

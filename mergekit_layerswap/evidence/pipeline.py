@@ -305,6 +305,8 @@ class Evidence:
         return tqdm(total=total, desc=desc, unit="problem", disable=not self.progress)
 
     def exact_match(self, name: str, prompt: str, lang: str, limit: Optional[int]) -> dict:
+        """Greedy exact match of ``name`` on ``test_<lang>.jsonl`` (``lang`` "swh", "eng", or
+        "mgsm-sw", the user's MGSM file); ``prompt`` "chat" or "mgsm" (native CoT, 8 shots)."""
         from mergekit_layerswap.core import mgsm
         from mergekit_layerswap.evidence.scoring import chat_prompt, exact_match_answers
         from mergekit_layerswap.tools.evaluate import final_number, read_mgsm
@@ -326,7 +328,8 @@ class Evidence:
                 prompt_of = lambda row: chat_prompt(tokenizer, row["question"])  # noqa: E731
                 extract = final_number
             else:
-                language, exemplars, _ = read_mgsm(self.data(os.path.join("mgsm", f"mgsm_symbolic_{lang}_test.jsonl")))
+                code = "eng" if lang == "eng" else "swh"  # the real MGSM file is prompted like the Swahili set
+                language, exemplars, _ = read_mgsm(self.data(os.path.join("mgsm", f"mgsm_symbolic_{code}_test.jsonl")))
                 prompt_of = lambda row: mgsm.fewshot_prompt(  # noqa: E731
                     language, exemplars, {"question": row["question"], "answer": None}
                 )
@@ -438,6 +441,11 @@ class Evidence:
             self.text_loss(name)
         if not generation:
             return
+        if self.mgsm_tsv:
+            from mergekit_layerswap.evidence.splits import read_mgsm_tsv
+
+            rows = read_mgsm_tsv(self.mgsm_tsv)
+            _write_jsonl(self.data("test_mgsm-sw.jsonl"), rows)
         for limit in (self.settings.em_first_limit, None):
             for name in models:
                 self.exact_match(name, "chat", "swh", limit)
@@ -445,6 +453,9 @@ class Evidence:
                 self.exact_match(name, "chat", "eng", limit)
             for name in models:
                 self.exact_match(name, "mgsm", "swh", limit)
+            if self.mgsm_tsv:
+                for name in models:
+                    self.exact_match(name, "mgsm", "mgsm-sw", limit)
 
     def run_all(self, part: str = "all", generation: bool = True) -> None:
         """``part``: "build" (models only), "score" (scores only, waiting for each model),

@@ -30,6 +30,7 @@ METRICS = {
     "exact match, chat, Swahili": ("em.{}.chat-swh", "correct", False),
     "exact match, MGSM native CoT, Swahili": ("em.{}.mgsm-swh", "correct", False),
     "exact match, chat, English": ("em.{}.chat-eng", "correct", False),
+    "exact match, MGSM native CoT, real MGSM sw": ("em.{}.mgsm-mgsm-sw", "correct", False),
 }
 
 

@@ -48,4 +48,30 @@ def problems(source, language: str, templates: range, per_template: int, seed: i
     ]
 
 
+def read_mgsm_tsv(path: str) -> List[dict]:
+    """MGSM's own test file (``mgsm_sw.tsv``: question TAB answer number, no header), as
+    rows with ids; the project does not ship it (CC BY 4.0, the user supplies a copy)."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                question, tab, answer = line.rstrip("\n").rpartition("\t")
+                try:
+                    value = float(answer.replace(",", ""))
+                except ValueError:
+                    value = None
+                if not tab or not question.strip() or value is None:
+                    raise DataError(
+                        f"{path} line {number} is not 'question<TAB>answer number'; give MGSM's test TSV (mgsm_sw.tsv)"
+                    )
+                rows.append({"id": f"mgsm-sw-{len(rows):03d}", "question": question.strip(), "answer": answer.strip()})
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read {path} as UTF-8 text: {error}") from None
+    if not rows:
+        raise DataError(f"{path} holds no problems")
+    return rows
+
+
 check_disjoint({"train": TRAIN, "select": SELECT, "test": TEST})
