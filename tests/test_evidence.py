@@ -3,6 +3,7 @@ resumable fine-tuning, the scores, the bootstrap and the splits. No 0.5B model h
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -209,6 +210,11 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(tmp_path):
     assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], base_tensors["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(a["model.embed_tokens.weight"], base_tensors["model.embed_tokens.weight"])  # frozen
     assert whole["last_losses"][-2:] == resumed["last_losses"][-2:]
+    # a checkpoint of other settings is not resumed from
+    other = str(tmp_path / "other")
+    resumable_finetune(base, texts, other, settings, stop_after=4)
+    changed = resumable_finetune(base, texts, other, dataclasses.replace(settings, learning_rate=2e-3))
+    assert changed["resumed_from_step"] == 0
 
 
 # --- scores -----------------------------------------------------------------------------

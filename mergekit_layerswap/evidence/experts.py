@@ -40,10 +40,19 @@ def swahili_texts(rows: Sequence[dict]) -> List[str]:
     return [r["question"] for r in rows]
 
 
-def _save_state(path: str, model, optimizer, step: int, losses: List[float]) -> None:
+def _run_key(settings: FinetuneSettings, texts: Sequence[str]) -> dict:
+    """What a checkpoint is only valid for: the settings (threads aside) and the texts."""
+    import hashlib
+
+    digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+    return {**{k: v for k, v in asdict(settings).items() if k != "threads"}, "texts_sha256": digest}
+
+
+def _save_state(path: str, model, optimizer, step: int, losses: List[float], key: dict) -> None:
     trained = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     tmp = path + ".partial"
-    torch.save({"step": step, "losses": losses, "model": trained, "optimizer": optimizer.state_dict()}, tmp)
+    state = {"step": step, "losses": losses, "model": trained, "optimizer": optimizer.state_dict(), "key": key}
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 
@@ -78,8 +87,12 @@ def resumable_finetune(
         [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
     )
     start, losses = 0, []
-    if os.path.isfile(state_path):
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    key = _run_key(settings, texts)
+    state = torch.load(state_path, map_location="cpu", weights_only=True) if os.path.isfile(state_path) else None
+    if state is not None and state.get("key") != key:
+        log(f"  {label}: the checkpoint in {work} was made with other settings or texts; starting over")
+        state = None
+    if state is not None:
         missing = set(trained) - set(state["model"])
         if missing:
             raise DataError(f"{state_path} does not match this fine-tune; delete {work} and rerun")
@@ -107,12 +120,12 @@ def resumable_finetune(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         done = step + 1
         if stop_after is not None and done >= stop_after and done < settings.steps:
-            _save_state(state_path, model, optimizer, done, losses)
+            _save_state(state_path, model, optimizer, done, losses, key)
             if bar is not None:
                 bar.close()
             return {"stopped_at": done}
         if checkpoint_every and done % checkpoint_every == 0 and done < settings.steps:
-            _save_state(state_path, model, optimizer, done, losses)
+            _save_state(state_path, model, optimizer, done, losses, key)
     if bar is not None:
         bar.close()
     model.eval()
@@ -174,6 +187,7 @@ def measure_training(base_dir: str, texts: Sequence[str], settings: FinetuneSett
     }
 
 
-def steps_for(measured: dict, cpu_budget_s: float, low: int = 20, high: int = 400) -> int:
-    """Optimizer steps that fit ``cpu_budget_s`` CPU seconds at the measured rate."""
-    return max(low, min(high, int(cpu_budget_s / measured["cpu_s_per_step"])))
+def steps_for(measured: dict, cpu_budget_s: float, tokens_per_step: float, low: int = 20, high: int = 400) -> int:
+    """Optimizer steps of ``tokens_per_step`` tokens that fit ``cpu_budget_s`` CPU seconds
+    at the measured tokens per CPU second."""
+    return max(low, min(high, int(cpu_budget_s * measured["tokens_per_cpu_s"] / tokens_per_step)))

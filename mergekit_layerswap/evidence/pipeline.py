@@ -19,6 +19,7 @@ Layout of the run directory::
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -34,6 +35,7 @@ from mergekit_layerswap.evidence.stages import RunDir
 BASE, MATH, SWAHILI, SOUP = "base", "math-expert", "swahili-expert", "soup"
 LANGUAGES = ("swh", "eng")
 MATH_SEED, SWAHILI_SEED = 1, 2
+PROBE_TOKENS = 128  # sequence cap of the throughput probe (its result is kept across runs)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class EvidenceSettings:
     expert_cpu_s: float = 1500.0  # CPU seconds each fine-tune may take; steps follow from the measured rate
     learning_rate: float = 2e-5
     batch_size: int = 4
-    max_tokens: int = 128
+    max_tokens: int = 256  # a worked solution must fit whole: the math texts average 192 tokens
     train_embeddings: bool = False
     checkpoint_every: int = 20
     loss_batch_size: int = 8
@@ -189,10 +191,14 @@ class Evidence:
             bfloat16_autocast=False,
         )
 
-    def expert_steps(self) -> int:
+    def expert_steps(self, texts: str) -> int:
+        """Steps that fit ``expert_cpu_s`` at the rate a probe of 4 steps measured (tokens
+        per CPU second, 128-token sequences), given how long this expert's texts are."""
+        from transformers import AutoTokenizer
+
         from mergekit_layerswap.evidence.experts import measure_training, steps_for
 
-        probe = self.finetune_settings(4, 0)
+        probe = dataclasses.replace(self.finetune_settings(4, 0), max_tokens=PROBE_TOKENS)
         measured = self.run.stage(
             "throughput",
             {
@@ -202,7 +208,10 @@ class Evidence:
             },
             lambda: measure_training(self.model(BASE), self.texts("math"), probe),
         )
-        return steps_for(measured, self.settings.expert_cpu_s)
+        tokenizer = AutoTokenizer.from_pretrained(self.model(BASE))
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in self.texts(texts)]
+        per_text = sum(min(n, self.settings.max_tokens) for n in lengths) / len(lengths)
+        return steps_for(measured, self.settings.expert_cpu_s, per_text * self.settings.batch_size)
 
     def build_expert(self, name: str, texts: str, seed: int, steps: int) -> None:
         from mergekit_layerswap.evidence.experts import resumable_finetune
@@ -394,9 +403,8 @@ class Evidence:
         sweep's winner."""
         self.build_base()
         self.build_data()
-        steps = self.expert_steps()
-        self.build_expert(MATH, "math", MATH_SEED, steps)
-        self.build_expert(SWAHILI, "swahili", SWAHILI_SEED, steps)
+        self.build_expert(MATH, "math", MATH_SEED, self.expert_steps("math"))
+        self.build_expert(SWAHILI, "swahili", SWAHILI_SEED, self.expert_steps("swahili"))
         for name in (SOUP, "swap-default"):
             self.build_merge(name)
         return self.sweep()
