@@ -150,6 +150,21 @@ def markdown(results: Dict[str, Any]) -> str:
             lines.append(f"- {rung['problems']} problems: " + ", ".join(f"{n} {v:.4f}" for n, v in ranked))
     else:
         lines += ["", f"### Sweep: {NOT_YET}"]
+    lines += ["", "### Experts (training loss, mean of the first and last 10 steps)", ""]
+    if results["experts"]:
+        for name, e in results["experts"].items():
+            lines.append(
+                f"- {name}: {e['steps']} steps on {e['texts']} texts, {e['threads']} thread(s); "
+                f"loss {e['mean_loss_first_10']:.3f} -> {e['mean_loss_last_10']:.3f}"
+            )
+    else:
+        lines.append(NOT_YET)
+    if results["throughput"]:
+        t = results["throughput"]
+        lines.append(
+            f"- throughput probe: {t['tokens_per_cpu_s']} tokens per CPU second, {t['cpu_s_per_step']} CPU s per "
+            f"step of 4 x 128 tokens, {t['tokens_per_wall_s']} tokens per wall second ({t['threads']} thread)"
+        )
     lines += ["", "### Stage timings (wall / CPU seconds, 1-minute load average when the stage started)", ""]
     lines += ["| stage | wall s | CPU s | load | finished (UTC) |", "|---|---|---|---|---|"]
     for name, t in results["timings"].items():
