@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -323,7 +324,8 @@ class Evidence:
         rows = _read_jsonl(self.data(f"test_{lang}.jsonl"))
         count = len(rows) if limit is None else min(limit, len(rows))
         stage = f"em.{name}.{prompt}-{lang}.{count}"
-        answers = self.run.path("answers", f"{name}.{prompt}-{lang}.jsonl")
+        stamp = hashlib.sha256(self._model_stamp(name).encode()).hexdigest()[:8]  # a rebuilt model starts afresh
+        answers = self.run.path("answers", f"{name}.{prompt}-{lang}.{stamp}.jsonl")
         os.makedirs(os.path.dirname(answers), exist_ok=True)
         parameters = {
             "model": self._model_stamp(name),
