@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import zipfile
 
 import numpy as np
@@ -407,3 +408,34 @@ def test_the_swap_and_the_soup_come_out_of_plain_mergekit_yaml(tmp_path):
         assert torch.allclose(s[name], expected, atol=1e-7), name
         assert torch.allclose(p[name], (t[name] + lang[name]) / 2, atol=1e-7), name
     assert not os.path.exists(swap + ".partial")
+
+
+def test_lm_eval_answers_run_the_harness_in_chunks_and_resume(tmp_path):
+    pytest.importorskip("lm_eval")
+    from test_mgsm import TASK, _write_task
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_layerswap.evidence.scoring import lm_eval_answers
+
+    base = _tiny_model(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    model.generation_config.max_new_tokens = None
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = [
+        {"question": f"w{i + 10} w{i + 11}", "answer": None, "answer_number": i, "language": "swh"} for i in range(5)
+    ]
+    folder = str(tmp_path / "tasks")
+    _write_task(folder, rows)
+    ids = [f"swh-test-{k:03d}" for k in range(5)]
+    path = str(tmp_path / "answers.jsonl")
+    first = lm_eval_answers(model, tokenizer, TASK, folder, ids[:3], path, chunk=2, max_new_tokens=3)
+    assert [e["id"] for e in first] == ids[:3] and all("strict" in e and "correct" in e for e in first)
+    with open(path) as handle:
+        assert len(handle.readlines()) == 3
+    everything = lm_eval_answers(model, tokenizer, TASK, folder, ids, path, chunk=2, max_new_tokens=3)
+    with open(path) as handle:
+        assert len(handle.readlines()) == 5  # the first three were not asked again
+    assert everything[:3] == first
+    for entry, row in zip(everything, rows):  # the harness's flexible-extract, checked independently
+        numbers = re.findall(r"-?[0-9]+", entry["output"])
+        assert entry["correct"] == (bool(numbers) and numbers[-1] == str(row["answer_number"]))

@@ -28,6 +28,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from typing import Callable, List, Optional, Sequence
 
+from mergekit_layerswap.core.errors import DataError
 from mergekit_layerswap.core.files import atomic_write_text
 from mergekit_layerswap.demo.finetune import FinetuneSettings, default_threads
 from mergekit_layerswap.evidence import gguf_parts, merges, splits
@@ -316,9 +317,12 @@ class Evidence:
 
     def exact_match(self, name: str, prompt: str, lang: str, limit: Optional[int]) -> dict:
         """Greedy exact match of ``name`` on ``test_<lang>.jsonl`` (``lang`` "swh", "eng", or
-        "mgsm-sw", the user's MGSM file); ``prompt`` "chat" or "mgsm" (native CoT, 8 shots)."""
+        "mgsm-sw", the user's MGSM file). ``prompt``: "chat" (the question in a chat turn, last
+        number), "lm-eval" (the harness itself on the ``data mgsm-symbolic`` task: native CoT,
+        8 shots), or "mgsm" (the same prompt built here, for the user's MGSM file, which has
+        no lm-eval task)."""
         from mergekit_layerswap.core import mgsm
-        from mergekit_layerswap.evidence.scoring import chat_prompt, exact_match_answers
+        from mergekit_layerswap.evidence.scoring import chat_prompt, exact_match_answers, lm_eval_answers
         from mergekit_layerswap.tools.evaluate import final_number, read_mgsm
 
         rows = _read_jsonl(self.data(f"test_{lang}.jsonl"))
@@ -335,7 +339,9 @@ class Evidence:
 
         def work():
             model, tokenizer = self._load(name)
-            if prompt == "chat":
+            if prompt == "lm-eval":
+                pass  # the harness builds its own prompts
+            elif prompt == "chat":
                 prompt_of = lambda row: chat_prompt(tokenizer, row["question"])  # noqa: E731
                 extract = final_number
             else:
@@ -346,6 +352,32 @@ class Evidence:
                 )
                 extract = lambda text: final_number(mgsm.cut_at_stop(language, text))  # noqa: E731
             bar = self._bar(count, stage)
+            if prompt == "lm-eval":
+                mgsm_test = _read_jsonl(self.data(os.path.join("mgsm", f"mgsm_symbolic_{lang}_test.jsonl")))
+                if [r["question"] for r in mgsm_test[:count]] != [r["question"] for r in rows[:count]]:
+                    raise DataError(
+                        f"{self.data('mgsm')} does not hold the test problems in order; rerun the data stage"
+                    )
+                entries = lm_eval_answers(
+                    model,
+                    tokenizer,
+                    f"mgsm_symbolic_native_cot_{lang}",
+                    self.data("mgsm"),
+                    [r["id"] for r in rows[:count]],
+                    answers,
+                    chunk=self.settings.em_batch_size,
+                    max_new_tokens=self.settings.em_max_new_tokens,
+                    progress=bar.update,
+                )
+                bar.close()
+                correct = [bool(e["correct"]) for e in entries]
+                strict = [bool(e["strict"]) for e in entries]
+                return {
+                    "ids": [e["id"] for e in entries],
+                    "correct": correct,
+                    "strict": strict,
+                    "accuracy": sum(correct) / len(correct),
+                }
             entries = exact_match_answers(
                 model,
                 tokenizer,
@@ -462,7 +494,7 @@ class Evidence:
             for name in (BASE, MATH):
                 self.exact_match(name, "chat", "eng", limit)
             for name in models:
-                self.exact_match(name, "mgsm", "swh", limit)
+                self.exact_match(name, "lm-eval", "swh", limit)
             if self.mgsm_tsv:
                 for name in models:
                     self.exact_match(name, "mgsm", "mgsm-sw", limit)

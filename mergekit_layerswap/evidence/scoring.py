@@ -139,3 +139,63 @@ def exact_match_answers(
             if progress is not None:
                 progress(len(batch))
     return [done[item["id"]] for item in wanted]
+
+
+def lm_eval_answers(
+    model,
+    tokenizer,
+    task: str,
+    tasks_path: str,
+    ids: Sequence[str],
+    answers_path: str,
+    chunk: int = 8,
+    max_new_tokens: Optional[int] = None,
+    progress: Optional[Callable[[int], None]] = None,
+) -> List[dict]:
+    """lm-evaluation-harness itself on the test documents ``0 .. len(ids) - 1`` of ``task``
+    (document k is the problem ``ids[k]``), ``chunk`` documents per ``simple_evaluate``
+    call (its ``samples=`` selection), each finished chunk appended to ``answers_path``: the
+    harness's own prompt, generation, filters and exact_match, resumable per chunk.
+    ``correct`` is the flexible-extract exact match, ``strict`` the strict-match one."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from mergekit_layerswap.tools.evaluate import task_manager
+
+    done = _done_answers(answers_path)
+    todo = [k for k, i in enumerate(ids) if i not in done]
+    if progress is not None and len(ids) > len(todo):
+        progress(len(ids) - len(todo))
+    manager = task_manager(tasks_path, task)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=chunk)
+    with open(answers_path, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), chunk):
+            indices = todo[start : start + chunk]
+            results = simple_evaluate(
+                model=lm,
+                tasks=[task],
+                samples={task: indices},
+                task_manager=manager,
+                log_samples=True,
+                gen_kwargs={"max_gen_toks": max_new_tokens} if max_new_tokens else None,
+                verbosity="WARNING",
+            )
+            by_doc: Dict[int, dict] = {}
+            for sample in results["samples"][task]:
+                entry = by_doc.setdefault(sample["doc_id"], {"id": ids[sample["doc_id"]]})
+                key = "correct" if sample["filter"] == "flexible-extract" else "strict"
+                entry[key] = bool(sample["exact_match"])
+                entry[f"{key}_extracted"] = sample["filtered_resps"][0]
+                entry["output"] = sample["resps"][0][0]
+            if sorted(by_doc) != sorted(indices):
+                from mergekit_layerswap.core.errors import DataError
+
+                raise DataError(f"lm-eval answered documents {sorted(by_doc)} for the requested {sorted(indices)}")
+            for k in indices:
+                done[ids[k]] = by_doc[k]
+                out.write(json.dumps(by_doc[k], ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            if progress is not None:
+                progress(len(indices))
+    return [done[i] for i in ids]
