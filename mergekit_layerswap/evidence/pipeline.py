@@ -125,9 +125,9 @@ class Evidence:
         def make():
             from transformers import AutoTokenizer
 
-            from mergekit_layerswap.core.mgsm import LANGUAGES as MGSM
             from mergekit_layerswap.demo.data import TemplateSource, fetch_wheel
             from mergekit_layerswap.evidence.experts import math_texts, swahili_texts
+            from mergekit_layerswap.tools.mgsm import LANGUAGES as MGSM
             from mergekit_layerswap.tools.mgsm_data import MgsmSettings, test_rows, write_mgsm_tasks
 
             s = self.settings
@@ -321,8 +321,8 @@ class Evidence:
         number), "lm-eval" (the harness itself on the ``data mgsm-symbolic`` task: native CoT,
         8 shots), or "mgsm" (the same prompt built here, for the user's MGSM file, which has
         no lm-eval task)."""
-        from mergekit_layerswap.core import mgsm
         from mergekit_layerswap.evidence.scoring import chat_prompt, exact_match_answers, lm_eval_answers
+        from mergekit_layerswap.tools import mgsm
         from mergekit_layerswap.tools.evaluate import final_number, read_mgsm
 
         rows = _read_jsonl(self.data(f"test_{lang}.jsonl"))
