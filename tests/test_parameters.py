@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """One source of truth per recipe parameter: the table in core/parameters.py, the kernel's
 typed signature (which mergekit turns into the method's spec) and the README must agree."""
 
@@ -53,7 +54,7 @@ def test_readme_parameter_table_is_generated_from_the_table():
 
 def test_derived_views():
     assert table.ZONE_PARAMETERS == ("bottom_layers", "top_layers", "bottom_transition", "top_transition")
-    assert table.SWEEPABLE == table.ZONE_PARAMETERS + ("weighting", "non_layer", "transition_shape")
+    assert table.SWEEPABLE == table.ZONE_PARAMETERS + ("weighting", "non_layer", "vision", "transition_shape")
     assert table.DEFAULTS == {
         "bottom_layers": 5,
         "top_layers": 2,
@@ -61,6 +62,7 @@ def test_derived_views():
         "top_transition": 0,
         "weighting": "uniform",
         "non_layer": "average",
+        "vision": "language",
         "transition_shape": "flat",
         "blend_method": "average",
     }

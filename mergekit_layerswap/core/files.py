@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Two small file-system rules used across the package (standard library only)."""
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ def file_identity(path: str) -> dict:
         "ctime_ns": stat.st_ctime_ns,
         "device": stat.st_dev,
     }
+
+
+def directory_identity(model, local_path: str, suffixes=None) -> dict:
+    """The identity of a model directory: its name, resolved path and ``file_identity`` of
+    each top-level entry (only names ending in one of ``suffixes``, when given). Any
+    rewrite of one of those files changes it (the magnitude cache and the LoRA merge cache
+    are keyed by it)."""
+    files = []
+    for name in sorted(os.listdir(local_path)):
+        if suffixes is None or name.endswith(suffixes):
+            files.append([name, file_identity(os.path.join(local_path, name))])
+    return {"model": str(model), "path": os.path.abspath(local_path), "files": files}
 
 
 def looks_like_hub_id(path: str) -> bool:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The recipe's parameters: the one place each is defined.
 
 Name, where it goes, its allowed values, its default and its help text live here.
@@ -116,6 +117,16 @@ PARAMETERS: Tuple[Parameter, ...] = (
         "`average` \\| `language` \\| `task` (`average`)",
         "embeddings, final norm, lm_head and anything else outside the layers",
         choices=("average", "language", "task"),
+    ),
+    Parameter(
+        "vision",
+        MERGE,
+        CHOICE,
+        "language",
+        "`language` \\| `task` \\| `average` (`language`)",
+        "vision-language models: the vision tower and projector, taken from that expert or averaged "
+        "(see Architectures)",
+        choices=("language", "task", "average"),
     ),
     Parameter(
         "transition_shape",

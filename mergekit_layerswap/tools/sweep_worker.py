@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """One sweep worker: builds candidates from experts loaded once and evaluates them.
 
 The serial sweep runs one in its own process; ``--ray`` runs one in each Ray actor
@@ -16,7 +17,7 @@ from typing import Any, Dict, Optional
 
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.layers import SwapZones
-from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
+from mergekit_layerswap.core.parameters import DEFAULTS, ZONE_PARAMETERS
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ def baseline_recipe(recipe, name: str, num_layers: int):
             zones=zones,
             weighting="uniform",
             non_layer="average",
+            vision="average",
             transition_shape="flat",
             blend_method="average",
             blend_options=(),
@@ -51,7 +53,7 @@ def baseline_recipe(recipe, name: str, num_layers: int):
         )
     role = "task" if name == "task-expert" else "language"
     zones = SwapZones(num_layers, 0, 0, 0) if role == "language" else SwapZones(0, 0, 0, 0)
-    return dataclasses.replace(recipe, zones=zones, non_layer=role)
+    return dataclasses.replace(recipe, zones=zones, non_layer=role, vision=role)
 
 
 def fingerprint(tensors: Dict[str, Any]) -> Dict[str, str]:
@@ -98,9 +100,9 @@ class SweepWorker:
         cwd: Optional[str] = None,
     ):
         import torch
-        from mergekit.io.tasks import LoaderCache
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mergekit_layerswap.adapter.mergekit_parts import model_directory
         from mergekit_layerswap.adapter.planner import prepare
         from mergekit_layerswap.tools.assemble import LoadedExperts
         from mergekit_layerswap.tools.recipe_file import load_config
@@ -117,7 +119,7 @@ class SweepWorker:
         self.torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             self.config.dtype or "", torch.float32
         )
-        donor_path = LoaderCache().get(run.recipe.donor).index.base_path
+        donor_path = model_directory(run.recipe.donor)
         self.tokenizer = AutoTokenizer.from_pretrained(donor_path)
         self.in_memory = experts_fit_in_memory(run)
         self.experts = LoadedExperts(run, dtype=self.config.dtype) if self.in_memory else None
@@ -150,9 +152,9 @@ class SweepWorker:
 
 def _merge_to_disk(run, config) -> Dict[str, Any]:
     """Streaming fallback: write the candidate with mergekit, read it back, delete it."""
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
     from safetensors.torch import load_file
+
+    from mergekit_layerswap.adapter.mergekit_parts import run_merge_quietly
 
     recipe = run.recipe
     data = {
@@ -162,6 +164,7 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
             **dataclasses.asdict(recipe.zones),
             "weighting": recipe.weighting,
             "non_layer": recipe.non_layer,
+            **({"vision": recipe.vision} if recipe.vision != DEFAULTS["vision"] else {}),
             "transition_shape": recipe.transition_shape,
             "blend_method": recipe.blend_method,
             **{f"blend_{k}": v for k, v in recipe.blend_options},
@@ -171,15 +174,9 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
     }
     if recipe.base_model is not None:
         data["base_model"] = str(recipe.base_model)
-    from mergekit.config import MergeConfiguration
-
     out = tempfile.mkdtemp(prefix="layerswap-candidate-")
     try:
-        run_merge(
-            MergeConfiguration.model_validate(data),
-            out,
-            MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
-        )
+        run_merge_quietly(data, out)
         state = {}
         for name in sorted(os.listdir(out)):
             if name.endswith(".safetensors"):
