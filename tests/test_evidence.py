@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The evidence run's own logic on small parts: GGUF assembly checks, stage resume,
 resumable fine-tuning, the scores, the bootstrap and the splits. No 0.5B model here."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap evidence``: the 0.5B evidence run (issue 23) and its table."""
 
 from __future__ import annotations

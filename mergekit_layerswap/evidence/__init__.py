@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The evidence run (issue 23): does the swap beat both experts and the soup on a base
 that can do the math?
 

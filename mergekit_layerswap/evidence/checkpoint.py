@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The GGUF as a float32 safetensors checkpoint that mergekit and transformers read.
 
 transformers reads the GGUF (``gguf_file=``) and de-quantizes every Q4_K/Q6_K tensor to

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The two experts' training texts and a fine-tune that survives being cut off.
 
 The loop is the demo's (``demo/finetune.py``: its batches, its choice of trainable

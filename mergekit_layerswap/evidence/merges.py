@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The merges of the evidence run, each one plain ``mergekit-yaml`` on a recipe file.
 
 Zones scaled to 24 layers: the paper's default on Llama 3.1 8B's 32 layers is b=5,

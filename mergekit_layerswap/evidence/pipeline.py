@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The evidence run's stages, in the order they pay off.
 
 Cheap, decisive numbers first: the answer loss (teacher-forced) of every model on every

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The committed table of the evidence run, made from whatever stages have finished.
 
 ``write_report`` reads ``<run>/stages/*.json`` and writes a small JSON (means, paired

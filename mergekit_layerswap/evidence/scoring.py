@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Per-problem scores of one model, kept problem by problem so paired intervals can be
 drawn and a long generation run resumes where it stopped.
 

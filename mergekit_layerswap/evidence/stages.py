@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """A run directory whose stages each leave one result file, so a cut-off run resumes.
 
 ``<run>/stages/<name>.json`` holds ``{"parameters", "result", "wall_s", "cpu_s", ...}``,

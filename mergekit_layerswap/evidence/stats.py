@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Paired bootstrap confidence intervals: every model is scored on the same problems,
 so a difference between two models is resampled problem by problem."""
 
