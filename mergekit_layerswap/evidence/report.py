@@ -100,7 +100,7 @@ def collect(run_dir: str) -> Dict[str, Any]:
         "sweep": sweep,
         "experts": {
             n: {k: v for k, v in e.items() if k in ("mean_loss_first_10", "mean_loss_last_10", "texts", "threads")}
-            | {"steps": e.get("settings", {}).get("steps")}
+            | {"steps": e.get("settings", {}).get("steps"), "batch_size": e.get("settings", {}).get("batch_size")}
             for n, e in experts.items()
             if "mean_loss_last_10" in e
         },
@@ -166,7 +166,8 @@ def markdown(results: Dict[str, Any]) -> str:
     if results["experts"]:
         for name, e in results["experts"].items():
             lines.append(
-                f"- {name}: {e['steps']} steps on {e['texts']} texts, {e['threads']} thread(s); "
+                f"- {name}: {e['steps']} steps of {e['batch_size']} texts (from {e['texts']}), "
+                f"{e['threads']} thread(s); "
                 f"loss {e['mean_loss_first_10']:.3f} -> {e['mean_loss_last_10']:.3f}"
             )
     else:
