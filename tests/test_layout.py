@@ -14,7 +14,7 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(__file__), "..", "mergekit_layerswap")
 # lower ranks are imported by higher ones, never the other way round
-RANKS = {"core": 0, "adapter": 1, "demo": 1, "tools": 2, "cli": 3}
+RANKS = {"core": 0, "adapter": 1, "demo": 1, "tools": 2, "evidence": 2.5, "cli": 3}
 # the one upward reference, by name only: mergekit's own commands are click commands, only
 # cli/ knows click, so the adaptation table's rows for their callbacks name cli's wrappers
 ALLOWED_UPWARD = {("mergekit_layerswap.adapter.adaptation", "mergekit_layerswap.cli.mergekit_scripts")}

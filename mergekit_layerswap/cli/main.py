@@ -23,6 +23,7 @@ COMMANDS = {
     "demo": "mergekit_layerswap.cli.demo:demo_command",
     "sweep": "mergekit_layerswap.cli.sweep:sweep_command",
     "data": "mergekit_layerswap.cli.data:data_group",
+    "evidence": "mergekit_layerswap.cli.evidence:evidence_group",
 }
 HELP = {
     "explain": "Dry run: validate a recipe and show where every layer comes from.",
@@ -31,6 +32,7 @@ HELP = {
     "demo": "Build small real experts (SmolLM2-135M) and layer-swap them, offline.",
     "sweep": "Merge and evaluate a grid of swap configurations.",
     "data": "Write offline evaluation data (MGSM-format problems and lm-eval tasks).",
+    "evidence": "The 0.5B evidence run: experts, soup, swaps, scored on held-out problems.",
 }
 
 
