@@ -71,7 +71,10 @@ def _read_config(model, trust_remote_code: bool):
 
 
 def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsInfo:
-    """Read every model's config.json and check they can be layer-swapped."""
+    """Read every model's config.json and check they can be layer-swapped, then check their
+    weight files (``check_model_files``): every command that reads a model (a merge,
+    ``explain``, ``analyze``, ``suggest``, ``sweep``) comes through here before mergekit's
+    tensor index opens a file."""
     from mergekit.architecture import arch_info_for_config
 
     from mergekit_layerswap.adapter.weight_files import check_distinct_models
@@ -122,12 +125,12 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
         )
     num_layers = counts[first]
     check_zone_fit(recipe.zones, num_layers)
+    check_model_files(recipe)
     return ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
 
 
 def check_model_files(recipe: SwapRecipe) -> None:
-    """Every local model's weight files are complete and safe to open (headers only);
-    run before a merge's loader opens them (``explain`` reads configs only)."""
+    """Every local model's weight files are complete and safe to open (headers only)."""
     from mergekit_layerswap.adapter.weight_files import check_weight_files
 
     for model in _all_models(recipe):

@@ -333,12 +333,10 @@ def _validating_architecture_info(original):
     def get_architecture_info(config, options):
         if not is_layer_swap(config):
             return original(config, options)
-        from mergekit_layerswap.adapter.checks import check_model_files
         from mergekit_layerswap.adapter.readahead import window_bytes
 
         window_bytes()  # a bad MERGEKIT_LAYERSWAP_READAHEAD_MB is refused before anything is written
-        run = prepare(config, options.trust_remote_code)
-        check_model_files(run.recipe)  # before mergekit's loader warm-up opens them
+        run = prepare(config, options.trust_remote_code)  # weight files too, before mergekit's loader opens them
         return run.info.arch_info
 
     return get_architecture_info
