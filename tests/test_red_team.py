@@ -4,15 +4,22 @@ input byte-identical; the helpers are the bad-input matrix's own (``test_bad_inp
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import run_yaml_inprocess
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import RECIPE, _digest, check_refusal, make_world, write
+from test_sweep_trust import Workspace
 
 
 # ------------------------------------------------------------ LoRA experts with broken adapters
@@ -113,3 +120,146 @@ def test_the_unbroken_adapter_merges(families, tmp_path, adapter):
     result = run_yaml_inprocess(world.recipe, tmp_path / "out", "--lora-merge-cache", str(tmp_path / "lora-cache"))
     assert result.exit_code == 0, result.output
     assert os.path.exists(tmp_path / "out" / "model.safetensors")
+
+
+# ------------------------------------------------------------------- sweeps: kills and races
+GRID = ["--grid", "bottom_layers=0,1,2,3,4", "--quiet"]
+
+
+def _sweep_process(ws):
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-layerswap")
+    command = [exe, "sweep", ws.recipe, "--eval", f"perplexity:{ws.text}", "--out", str(ws.out), *GRID]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(condition, process, what):
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert process.poll() is None, f"the sweep ended before {what}: {process.stdout.read()}"
+        assert time.monotonic() < deadline, f"no {what} after 300 s"
+        time.sleep(0.05)
+
+
+def _rows(ws):
+    with open(ws.out / "results.csv", newline="") as handle:
+        return [(r["name"], r["score"]) for r in csv.DictReader(handle)]
+
+
+def _data_rows(ws):
+    path = ws.out / "results.csv"
+    return path.read_text().count("\n") - 1 if path.exists() else 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_killed_sweep_resumes_to_the_same_results(families, tmp_path, sig):
+    """A real sweep process killed after its first evaluation; the resumed sweep evaluates
+    only what is missing and ends with the rows (and best) an unbroken sweep gets."""
+    ws = Workspace(families("llama"), tmp_path)
+    process = _sweep_process(ws)
+    _wait_for(lambda: _data_rows(ws) >= 1, process, "first result row")
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0 and "Traceback" not in output, output
+    done = _data_rows(ws)
+    assert 1 <= done < 8 and not (ws.out / "best.yaml").exists()
+    resumed = ws.sweep(*GRID)
+    assert resumed.exit_code == 0 and f"resuming: {done} evaluations" in resumed.output, resumed.output
+    again = Workspace.__new__(Workspace)
+    again.__dict__.update(ws.__dict__, out=tmp_path / "unbroken")
+    assert ws.sweep(*GRID).exit_code == 0  # nothing left to do: no row added
+    assert again.sweep(*GRID).exit_code == 0
+    assert sorted(_rows(ws)) == sorted(_rows(again)) and len(_rows(ws)) == 8
+    assert (ws.out / "best.yaml").read_text() == (again.out / "best.yaml").read_text()
+
+
+def test_a_second_sweep_in_the_same_directory_is_refused_while_the_first_runs(families, tmp_path):
+    """Two sweeps in one --out used to evaluate every candidate twice, appending duplicate
+    rows (and, starting together, two header lines that broke every later resume)."""
+    ws = Workspace(families("llama"), tmp_path)
+    process = _sweep_process(ws)
+    _wait_for(lambda: (ws.out / "sweep.json").exists(), process, "sweep.json")
+    second = ws.sweep(*GRID)
+    still_running = process.poll() is None
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    if still_running:  # (on a very fast machine the first may already be done: then it resumes)
+        lines = second.output.strip().splitlines()
+        assert second.exit_code != 0 and len(lines) == 1 and "another sweep is running" in lines[0], second.output
+    names = [name for name, _ in _rows(ws)]
+    assert sorted(names) == sorted(set(names)) and len(names) == 8, names
+    assert ws.sweep(*GRID).exit_code == 0  # the lock went with the first process
+
+
+# ------------------------------------------------------------------------------ eval files
+WORDS = [f"w{(7 * i) % 90 + 1}" for i in range(40)]
+PROBLEMS = [{"question": "What is 2+3?", "answer": "5"}, {"question": "What is 4+4?", "answer": "8"}]
+
+
+def _scores(ws, eval_spec, *args):
+    result = ws.sweep_with(eval_spec, "--grid", "bottom_layers=1", "--no-baselines", "--quiet", *args)
+    assert result.exit_code == 0, result.output
+    return _rows(ws)
+
+
+class EvalWorkspace(Workspace):
+    def sweep_with(self, eval_spec, *args):
+        from mergekit_layerswap.cli.main import main
+
+        self.out = self.root / f"out-{len(list(self.root.glob('out-*')))}"
+        return CliRunner().invoke(main, ["sweep", self.recipe, "--eval", eval_spec, "--out", str(self.out), *args])
+
+
+@pytest.mark.parametrize(
+    "kind,plain,variant",
+    [
+        ("perplexity", "\n".join(WORDS).encode(), b"\xef\xbb\xbf" + "\n".join(WORDS).encode()),
+        ("perplexity", "\n".join(WORDS).encode(), "\r\n".join(WORDS).encode()),
+        ("exact-match", "".join(json.dumps(p) + "\n" for p in PROBLEMS).encode(), None),
+    ],
+    ids=["text with a BOM", "text with CRLF", "JSONL with a BOM and CRLF"],
+)
+def test_eval_files_with_a_bom_or_crlf_score_as_the_plain_file(families, tmp_path, kind, plain, variant):
+    """A byte order mark (Windows editors write one) used to be refused in a JSONL file and
+    scored as text in a perplexity file; CRLF line ends read as LF."""
+    if variant is None:
+        variant = b"\xef\xbb\xbf" + plain.replace(b"\n", b"\r\n")
+    ws = EvalWorkspace(families("llama"), tmp_path)
+    suffix = ".txt" if kind == "perplexity" else ".jsonl"
+    (tmp_path / f"plain{suffix}").write_bytes(plain)
+    (tmp_path / f"variant{suffix}").write_bytes(variant)
+    extra = ["--max-new-tokens", "2"] if kind == "exact-match" else []
+    assert _scores(ws, f"{kind}:{tmp_path / f'variant{suffix}'}", *extra) == _scores(
+        ws, f"{kind}:{tmp_path / f'plain{suffix}'}", *extra
+    )
+    assert (tmp_path / f"variant{suffix}").read_bytes() == variant
+
+
+def test_eval_file_with_a_key_given_twice_is_refused(families, tmp_path):
+    ws = EvalWorkspace(families("llama"), tmp_path)
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"question": "What is 2+3?", "answer": "5", "answer": "6"}\n')
+    result = ws.sweep_with(f"exact-match:{path}", "--grid", "bottom_layers=1")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "line 1 gives 'answer' twice" in lines[0], result.output
+    assert not ws.out.exists()
+
+
+def test_unknown_lm_eval_task_is_refused_before_the_sweep_starts(families, tmp_path):
+    """It used to be refused only after the first candidate was merged, with --out and its
+    sweep.json already written (so the corrected rerun was refused as a different sweep)."""
+    ws = EvalWorkspace(families("llama"), tmp_path)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    result = ws.sweep_with("lm-eval:no_such_task", "--tasks-path", str(tasks), "--grid", "bottom_layers=1")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1, result.output
+    assert lines[0].startswith("Error:") and "lm-eval has no task 'no_such_task'" in lines[0]
+    assert not ws.out.exists()
+
+
+@pytest.mark.parametrize("option", [["--limit", "0"], ["--limit", "-1"], ["--halving-min", "0"]])
+def test_zero_limits_are_refused(families, tmp_path, option):
+    ws = EvalWorkspace(families("llama"), tmp_path)
+    result = ws.sweep_with(f"perplexity:{ws.text}", "--grid", "bottom_layers=1", *option)
+    assert result.exit_code == 2 and f"Invalid value for '{option[0]}'" in result.output.splitlines()[-1]
+    assert not ws.out.exists()
