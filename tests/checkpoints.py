@@ -1,7 +1,12 @@
-"""Small random checkpoints of real architectures, written the way transformers saves them.
+"""Small seeded checkpoints of real architectures, written with torch and safetensors.
 
-A base model is built from a tiny config; experts are the base plus seeded noise, so
-they are fine-tunes of one base (what layer swapping and magnitude weighting assume).
+A base model's tensors are drawn from a seeded ``torch.Generator`` (in name order, so
+every value is fixed by the seed); experts are the base plus seeded noise, so they are
+fine-tunes of one base (what layer swapping and magnitude weighting assume). transformers
+only supplies what a checkpoint of its architecture must look like: the config (from
+the one table ``CONFIGS``) and, from a model built on the meta device, the names and
+shapes of the stored tensors. Its weight initialisation is never run, so the bytes do
+not move when transformers changes its init.
 """
 
 from __future__ import annotations
@@ -9,12 +14,57 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 VOCAB = 96
+INIT_STD = 0.02  # the scale of a base model's matrices (transformers' usual initializer_range)
+
+_LAYERED = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
+
+# architecture -> (transformers config class, its arguments): every test checkpoint's shape
+CONFIGS: Dict[str, tuple] = {
+    "llama": ("LlamaConfig", {**_LAYERED, "num_hidden_layers": 8, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", {**_LAYERED, "tie_word_embeddings": False}),
+    "mistral": ("MistralConfig", {**_LAYERED, "tie_word_embeddings": False}),
+    "gemma2": ("Gemma2Config", {**_LAYERED, "head_dim": 8, "tie_word_embeddings": True}),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 6, "n_head": 4, "n_positions": 64, "tie_word_embeddings": True}),
+    "phi3": ("Phi3Config", {**_LAYERED, "num_key_value_heads": 4, "pad_token_id": 0, "tie_word_embeddings": False}),
+    # odd widths (float32 -> bf16 rounding, blocks that do not divide evenly)
+    "llama-odd": (
+        "LlamaConfig",
+        {**_LAYERED, "hidden_size": 36, "intermediate_size": 45, "num_attention_heads": 6, "vocab_size": 97}
+        | {"tie_word_embeddings": False},
+    ),
+    # ~31 MB experts: merges that take long enough to be interrupted
+    "llama-wide": (
+        "LlamaConfig",
+        {**_LAYERED, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 8}
+        | {"tie_word_embeddings": False},
+    ),
+    # GPT-NeoX stores integer buffers (attention masks) in some checkpoints
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 6, "num_attention_heads": 4}
+        | {"max_position_embeddings": 16, "tie_word_embeddings": False},
+    ),
+}
+COMMON = {"vocab_size": VOCAB}
+POSITIONS = {"max_position_embeddings": 64}  # every family above but gpt2 (n_positions)
+
+
+def config_of(name: str, **overrides):
+    """A fresh transformers config for ``CONFIGS[name]``, with ``overrides`` set on it."""
+    import transformers
+
+    class_name, arguments = CONFIGS[name]
+    extra = {} if "n_positions" in arguments else POSITIONS
+    config = getattr(transformers, class_name)(**{**COMMON, **extra, **arguments})
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 @dataclass(frozen=True)
@@ -24,6 +74,8 @@ class Arch:
     layer_prefix: str  # the test's own knowledge of where layer N lives
     num_layers: int
     tied: bool = False
+    # the model's parameter name -> the name its checkpoints store it under, where they differ
+    stored_as: Tuple[Tuple[str, str], ...] = ()
 
     def layer_of(self, tensor_name: str) -> Optional[int]:
         head, _, _ = self.layer_prefix.partition("{}")
@@ -32,111 +84,133 @@ class Arch:
         return int(tensor_name[len(head) :].split(".", 1)[0])
 
 
-def _llama():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-
-
-def _qwen2():
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-
-
-def _mistral():
-    from transformers import MistralConfig
-
-    return MistralConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-
-
-def _gemma2():
-    from transformers import Gemma2Config
-
-    return Gemma2Config(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-
-
-def _gpt2():
-    from transformers import GPT2Config
-
-    return GPT2Config(n_embd=32, n_layer=6, n_head=4, vocab_size=VOCAB, n_positions=64, tie_word_embeddings=True)
-
-
-def _phi3():
-    from transformers import Phi3Config
-
-    return Phi3Config(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        tie_word_embeddings=False,
+def _arch(name: str, layer_prefix: str, stored_as: Tuple[Tuple[str, str], ...] = ()) -> Arch:
+    arguments = CONFIGS[name][1]
+    layers = arguments.get("num_hidden_layers", arguments.get("n_layer"))
+    return Arch(
+        name, lambda: config_of(name), layer_prefix, layers, tied=arguments["tie_word_embeddings"], stored_as=stored_as
     )
 
 
 ARCHS: Dict[str, Arch] = {
-    "llama": Arch("llama", _llama, "model.layers.{}.", 8),
-    "qwen2": Arch("qwen2", _qwen2, "model.layers.{}.", 6),
-    "mistral": Arch("mistral", _mistral, "model.layers.{}.", 6),
-    "gemma2": Arch("gemma2", _gemma2, "model.layers.{}.", 6, tied=True),
-    "gpt2": Arch("gpt2", _gpt2, "transformer.h.{}.", 6, tied=True),
-    "phi3": Arch("phi3", _phi3, "model.layers.{}.", 6),
+    "llama": _arch("llama", "model.layers.{}."),
+    "qwen2": _arch("qwen2", "model.layers.{}."),
+    "mistral": _arch("mistral", "model.layers.{}."),
+    "gemma2": _arch("gemma2", "model.layers.{}."),
+    "gpt2": _arch("gpt2", "transformer.h.{}."),
+    "phi3": _arch("phi3", "model.layers.{}."),
+}
+# the families the session fixture builds (``conftest.families``) are the ones above;
+# these serve single tests
+SPECIAL: Dict[str, Arch] = {
+    "llama-odd": _arch("llama-odd", "model.layers.{}."),
+    "llama-wide": _arch("llama-wide", "model.layers.{}."),
+    # transformers 5 calls the output head lm_head; GPT-NeoX checkpoints store it as embed_out
+    "gpt_neox": _arch("gpt_neox", "gpt_neox.layers.{}.", stored_as=(("lm_head.weight", "embed_out.weight"),)),
 }
 
 
-def _write_tokenizer(path: str, marker: str, size: int = VOCAB) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def variant(arch: Arch, name: str, **overrides) -> Arch:
+    """``arch`` with some config values changed (a bigger vocabulary, fewer layers, ...)."""
+    layers = overrides.get("num_hidden_layers", overrides.get("n_layer", arch.num_layers))
+    base = arch.make_config
 
+    def make_config():
+        config = base()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    return Arch(name, make_config, arch.layer_prefix, layers, tied=arch.tied, stored_as=arch.stored_as)
+
+
+def stored_layout(config, stored_as: Tuple[Tuple[str, str], ...] = ()) -> tuple:
+    """(model class name, name -> shape of every tensor a transformers checkpoint of
+    ``config`` stores): the parameters of the model built on the meta device (no memory,
+    no initialisation), a tied output head once (under the embedding's name), as
+    ``save_pretrained`` writes it."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    renamed = dict(stored_as)
+    shapes = {renamed.get(name, name): tuple(param.shape) for name, param in model.named_parameters()}
+    return type(model).__name__, shapes
+
+
+def _base_value(name: str, shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """Norm scales start at one, biases at zero, everything else is N(0, INIT_STD)."""
+    if len(shape) == 1:
+        return torch.zeros(shape) if name.endswith("bias") else torch.ones(shape)
+    return INIT_STD * torch.randn(shape, generator=generator)
+
+
+def _write_tokenizer(path: str, marker: str, size: int = VOCAB) -> None:
+    """A word-level fast tokenizer, its config, a chat template and a generation config
+    that name ``marker``, so a test can tell which model's files an output carries."""
     vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, size)}}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
-    fast.chat_template = "{% for m in messages %}" + marker + "{{ m['content'] }}{% endfor %}"
-    fast.save_pretrained(path)
-    with open(os.path.join(path, "generation_config.json"), "w") as handle:
-        json.dump({"marker": marker, "max_new_tokens": len(marker)}, handle)
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": 0, "content": "<unk>", "single_word": False, "lstrip": False, "rstrip": False}
+            | {"normalized": False, "special": True}
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "unk_token": "<unk>",
+        "model_max_length": 1000000000000000019884624838656,
+    }
+    files = {
+        "tokenizer.json": json.dumps(tokenizer, indent=2, ensure_ascii=False),
+        "tokenizer_config.json": json.dumps(config, indent=2),
+        "chat_template.jinja": "{% for m in messages %}" + marker + "{{ m['content'] }}{% endfor %}",
+        "generation_config.json": json.dumps({"marker": marker, "max_new_tokens": len(marker)}),
+    }
+    for name, text in files.items():
+        with open(os.path.join(path, name), "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+
+def _parse_size(size: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = size.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * units[unit])
+    return int(text)
+
+
+def _save(tensors: Dict[str, torch.Tensor], path: str, max_shard_size: Optional[str]) -> None:
+    """One ``model.safetensors``, or shards of at most ``max_shard_size`` with the index
+    transformers writes (``model-0000i-of-0000n.safetensors`` and its weight map)."""
+    metadata = {"format": "pt"}
+    if not max_shard_size:
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata=metadata)
+        return
+    limit, shards, size = _parse_size(max_shard_size), [{}], 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for index, shard in enumerate(shards, start=1):
+        file = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, file), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as handle:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, handle, indent=2, sort_keys=True)
 
 
 def make_model(
@@ -150,26 +224,59 @@ def make_model(
     max_shard_size: Optional[str] = None,
 ) -> str:
     """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
+    config = arch.make_config()
+    generator = torch.Generator().manual_seed(seed)
+    model_class, shapes = stored_layout(config, arch.stored_as)
     if base_path is None:
-        model = AutoModelForCausalLM.from_config(arch.make_config())
+        tensors = {name: _base_value(name, shape, generator) for name, shape in sorted(shapes.items())}
     else:
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                layer = arch.layer_of(name)
-                scale = noise if noise_by_layer is None else noise_by_layer.get(layer, 0.0)
-                if scale:
-                    param.add_(scale * torch.randn(param.shape, generator=generator))
-    model = model.to(dtype)
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, safe_serialization=True, **kwargs)
-    config = model.config
-    size = getattr(config, "vocab_size", None) or VOCAB
-    _write_tokenizer(path, marker=os.path.basename(path), size=size)
+        tensors = {name: tensor.float() for name, tensor in sorted(load_tensors(base_path).items())}
+        for name, tensor in tensors.items():
+            layer = arch.layer_of(name)
+            scale = noise if noise_by_layer is None else noise_by_layer.get(layer, 0.0)
+            if scale:
+                tensor.add_(scale * torch.randn(tensor.shape, generator=generator))
+    tensors = {name: tensor.to(dtype).contiguous() for name, tensor in tensors.items()}
+    os.makedirs(path, exist_ok=True)
+    _save(tensors, path, max_shard_size)
+    stored = {key: value for key, value in config.to_diff_dict().items() if key != "transformers_version"}
+    stored["architectures"] = [model_class]
+    stored["dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as handle:
+        json.dump(stored, handle, indent=2, sort_keys=True)
+    _write_tokenizer(path, marker=os.path.basename(path), size=getattr(config, "vocab_size", None) or VOCAB)
+    return path
+
+
+def make_lora(base_path: str, path: str, seed: int, rank: int = 4, alpha: int = 8, targets=("q_proj", "v_proj")) -> str:
+    """A PEFT LoRA adapter for the checkpoint at ``base_path``: A and B matrices drawn
+    from a seeded generator (both non-zero, so the adapter changes what it targets)."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, tensor in sorted(load_tensors(base_path).items()):
+        stem, _, kind = name.rpartition(".")
+        if kind != "weight" or stem.rpartition(".")[2] not in targets:
+            continue
+        out_features, in_features = tensor.shape
+        prefix = f"base_model.model.{stem}"
+        tensors[f"{prefix}.lora_A.weight"] = INIT_STD * torch.randn((rank, in_features), generator=generator)
+        tensors[f"{prefix}.lora_B.weight"] = INIT_STD * torch.randn((out_features, rank), generator=generator)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config, handle, indent=2, sort_keys=True)
     return path
 
 

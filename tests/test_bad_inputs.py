@@ -21,7 +21,7 @@ from typing import Callable, Tuple
 
 import pytest
 import torch
-from checkpoints import ARCHS, Arch, make_model
+from checkpoints import ARCHS, make_model, variant
 from click.testing import CliRunner
 from helpers import assert_one_line_error, run_yaml_inprocess
 from safetensors.torch import load_file, save_file
@@ -166,16 +166,8 @@ def replace_lang(**config_overrides) -> Callable[[World], None]:
     """The language expert becomes a model with other config values (e.g. hidden size)."""
 
     def change(w: World) -> None:
-        base = ARCHS["llama"]
-
-        def config():
-            cfg = base.make_config()
-            for key, value in config_overrides.items():
-                setattr(cfg, key, value)
-            return cfg
-
         shutil.rmtree(w.model("lang"))
-        make_model(Arch("variant", config, base.layer_prefix, 8), w.model("lang"), seed=11)
+        make_model(variant(ARCHS["llama"], "variant", **config_overrides), w.model("lang"), seed=11)
 
     return change
 
@@ -466,7 +458,7 @@ def test_known_keys_are_mergekits(families):
     """The text check accepts exactly the keys of mergekit's own schema (plus ours)."""
     from mergekit.config import InputModelDefinition, MergeConfiguration
 
-    from mergekit_layerswap.adapter.recipe_schema import recipe_schema
+    from mergekit_layerswap.adapter.recipe_text_schema import recipe_schema
 
     schema = recipe_schema()
     assert schema.top_level == set(MergeConfiguration.model_fields) >= {"models", "parameters", "dtype"}

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from checkpoints import Arch, make_model
+from checkpoints import SPECIAL, make_model
 from helpers import merge, swap_recipe
 
 import mergekit_layerswap.adapter.mixing as mixing
@@ -17,22 +17,7 @@ SMALL_BLOCK = 100  # values: 2 rows of the 97 x 36 embedding (48 blocks and a re
 WHOLE = 1 << 62
 
 
-def _odd_llama():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=36,
-        intermediate_size=45,
-        num_hidden_layers=6,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        vocab_size=97,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-
-
-ODD = Arch("llama-odd", _odd_llama, "model.layers.{}.", 6)
+ODD = SPECIAL["llama-odd"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import os
 
 import pytest
-from checkpoints import ARCHS, Arch, make_model
+from checkpoints import ARCHS, make_model, variant
 from helpers import refused, run_yaml_subprocess, swap_recipe, write_recipe
 
 
@@ -144,17 +144,7 @@ def test_different_architectures(families, tmp_path):
 
 
 def _variant(tmp_path, name, **overrides):
-    base = ARCHS["llama"]
-
-    def config():
-        cfg = base.make_config()
-        for key, value in overrides.items():
-            setattr(cfg, key, value)
-        return cfg
-
-    return make_model(
-        Arch(name, config, base.layer_prefix, overrides.get("num_hidden_layers", 8)), str(tmp_path / name), seed=11
-    )
+    return make_model(variant(ARCHS["llama"], name, **overrides), str(tmp_path / name), seed=11)
 
 
 def test_different_layer_counts(fam, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mergekit_layerswap.adapter.mixing as mixing
-from mergekit_layerswap.adapter.trust import all_finite
+from mergekit_layerswap.adapter.tensor_checks import all_finite
 
 
 @pytest.fixture(autouse=True)

@@ -1,19 +1,27 @@
-"""Golden outputs: the sha256 of every file a handful of representative merges write.
+"""Golden outputs: a digest of every file a handful of representative merges write.
 
 Each case below is a recipe built with the suite's own helpers and merged in-process
 with mergekit-yaml's click command; every file of the output directory (weights,
 shard index, config.json, tokenizer files, generation config, chat template, the
-model card README.md and mergekit_config.yml) is hashed and compared with
+model card README.md and mergekit_config.yml) is digested and compared with
 ``tests/golden_outputs.json``. A refactor that is meant to change nothing must keep
 every digest.
 
-The inputs are the seeded checkpoints of ``checkpoints.py``, so every byte is
-deterministic. The only run-dependent bytes are the temporary paths that README.md
-(the experts, the donor, the recipe) and mergekit_config.yml (the recipe) name: before
-hashing those two files, each temporary root is replaced by a fixed token
-(``<llama>``, ``<extras>``, ``<tmp>``, ...), so the digests do not depend on where, or
-under how long a name, pytest puts its temporary directories. Any other output file
-that mentions a temporary path fails the test outright.
+The inputs are the seeded checkpoints and LoRA adapter of ``checkpoints.py``, written
+by torch and safetensors from seeded generators, so every input byte is fixed by the
+seeds and not by any library's weight initialisation. The digests say what the merge
+wrote, not how a library happened to lay it out:
+
+* a ``.safetensors`` file: each tensor's name, dtype, shape and raw bytes, in name
+  order, and the header's metadata (not the header's own layout);
+* a ``.json``, ``.yml`` or ``.yaml`` file: the parsed document without its version
+  fields (``transformers_version``, ``version``, ...), written back canonically;
+* anything else (README.md, the chat template): its bytes.
+
+The only run-dependent bytes are the temporary paths that README.md (the experts, the
+donor, the recipe) and mergekit_config.yml (the recipe) name: before digesting, each
+temporary root is replaced by a fixed token (``<llama>``, ``<extras>``, ``<tmp>``,
+...). Any other output file that mentions a temporary path fails the test outright.
 
 To rewrite the JSON from the current code::
 
@@ -24,12 +32,12 @@ the algorithm or the model card, say), and name in the commit the cases that cha
 and why. A refactor must never need it. Running a subset with ``-k`` under
 ``UPDATE_GOLDEN=1`` rewrites only the cases that ran.
 
-The bytes also depend on the libraries that build the inputs and write the outputs
-(transformers writes its version into config.json and initialises the seeded
-checkpoints; tokenizers writes tokenizer.json; torch does the arithmetic). The JSON
-records the versions it was made with (``ENVIRONMENT``); where any differs, the cases
-are skipped with a message saying so instead of failing on an unrelated upgrade.
-The digests also pin the float results of the CPU kernels they were made on: another
+The float results also depend on the arithmetic of torch (and of mergekit, pinned):
+the JSON records the versions it was made with (``ENVIRONMENT``); where one differs the
+cases are skipped with a message saying so. Under ``CI=true`` any skipped case of this
+module is a failure (``conftest.py``): CI installs the pinned versions of
+``constraints.txt``, and there the net must run. The
+digests also pin the float results of the CPU kernels they were made on: another
 instruction set may legitimately round a blend differently.
 """
 
@@ -38,17 +46,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 
 import pytest
-import torch
-from checkpoints import make_model
+import yaml
+from checkpoints import make_lora, make_model
 from helpers import run_yaml_inprocess, swap_recipe, write_recipe
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden_outputs.json")
 UPDATE = os.environ.get("UPDATE_GOLDEN", "").lower() in ("1", "true", "yes")
 NORMALISED = ("README.md", "mergekit_config.yml")  # the files that name input paths
-# distributions whose versions the bytes depend on
-ENVIRONMENT = ("mergekit", "peft", "PyYAML", "safetensors", "tokenizers", "torch", "transformers")
+# distributions whose arithmetic the tensor bytes depend on
+ENVIRONMENT = ("mergekit", "torch")
 
 ZONED = dict(bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1)
 
@@ -66,17 +75,7 @@ class Inputs:
         self.adapter = self._lora(families("llama"))
 
     def _lora(self, fam) -> str:
-        from peft import LoraConfig, get_peft_model
-        from transformers import AutoModelForCausalLM
-
-        torch.manual_seed(5)
-        model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32)
-        lora = get_peft_model(
-            model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        )
-        path = os.path.join(self.root, "adapter")
-        lora.save_pretrained(path)
-        return path
+        return make_lora(fam.base, os.path.join(self.root, "adapter"), seed=5, rank=4, alpha=8)
 
     def families(self, name):
         fam = self._families(name)
@@ -224,8 +223,51 @@ def recorded():
             handle.write("\n")
 
 
+def _without_versions(document):
+    """A parsed JSON/YAML document without the fields that only name a library version."""
+    if isinstance(document, dict):
+        return {
+            key: _without_versions(value)
+            for key, value in document.items()
+            if not (key == "version" or str(key).endswith("_version"))
+        }
+    if isinstance(document, list):
+        return [_without_versions(value) for value in document]
+    return document
+
+
+def _canonical(document) -> bytes:
+    return json.dumps(_without_versions(document), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _tensor_contents(data: bytes) -> bytes:
+    """A safetensors file as what it holds: metadata, then name, dtype, shape and bytes of
+    each tensor in name order (independent of how the header is laid out)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    body = data[8 + length :]
+    parts = [_canonical(header.pop("__metadata__", {}))]
+    for name in sorted(header):
+        entry = header[name]
+        begin, end = entry["data_offsets"]
+        parts += [name.encode(), entry["dtype"].encode(), repr(entry["shape"]).encode(), body[begin:end]]
+    return b"\0".join(parts)
+
+
+def file_contents(name: str, data: bytes) -> bytes:
+    """The bytes a digest is taken of: see the module docstring."""
+    if name.endswith(".safetensors"):
+        return _tensor_contents(data)
+    if name.endswith(".json"):
+        return _canonical(json.loads(data))
+    if name.endswith((".yml", ".yaml")):
+        return _canonical(yaml.safe_load(data))
+    return data
+
+
 def output_digests(out_dir: str, tokens: dict, basetemp: str) -> dict:
-    """Relative path -> sha256 of every file under ``out_dir``, temporary roots tokenised.
+    """Relative path -> sha256 of what every file under ``out_dir`` holds, temporary roots
+    tokenised.
 
     Every root in ``tokens`` lies under ``basetemp``; a file that still names
     ``basetemp`` after tokenising names a path that would make its bytes vary."""
@@ -241,7 +283,7 @@ def output_digests(out_dir: str, tokens: dict, basetemp: str) -> dict:
                 for root, token in replacements:
                     data = data.replace(root.encode(), token.encode())
             assert basetemp.encode() not in data, f"{rel} names a temporary path under {basetemp}"
-            digests[rel] = hashlib.sha256(data).hexdigest()
+            digests[rel] = hashlib.sha256(file_contents(rel, data)).hexdigest()
     return dict(sorted(digests.items()))
 
 
@@ -256,7 +298,7 @@ def test_output_bytes_are_unchanged(case, inputs, recorded, tmp_path, tmp_path_f
         }
         pytest.skip(
             f"golden digests were made with other versions ({differ}); they are compared "
-            f"only under the versions that made them"
+            f"only under the versions that made them (constraints.txt pins them)"
         )
     recipe, options = CASES[case](inputs, str(tmp_path))
     out = tmp_path / "out"

@@ -101,3 +101,21 @@ def test_a_single_expert_taken_whole_is_returned_untouched():
     tensor = torch.randn(4, 4, dtype=torch.bfloat16)
     out = mix_roles({"task": [(tensor, 2.0)], "language": [(torch.zeros(4, 4), 1.0)]}, {"task": 1.0, "language": 0.0})
     assert out is tensor
+
+
+@pytest.mark.parametrize("L,b,u,tb,tu,expected", RULE)
+@pytest.mark.parametrize("non_layer", ["average", "task", "language"])
+def test_the_rule_object_answers_reads_from_the_same_table(L, b, u, tb, tu, expected, non_layer):
+    """SwapRule (the one entry point kernel, planner, checks and explain ask): the roles it
+    reads for each layer are the table's letters; a non-layer tensor follows non_layer."""
+    from mergekit_layerswap.core.layers import SwapRule
+
+    rule = SwapRule(SwapZones(b, u, tb, tu), non_layer=non_layer, transition_shape="linear")
+    for layer, letter in enumerate(expected):
+        sources = rule.sources(layer, L)
+        read = {"L": ("language",), "T": ("task",), "B": ("task", "language")}[letter]
+        assert sources.roles == read and sources.blends == (letter == "B")
+        assert [sources.reads(role) for role in ("task", "language")] == [r in read for r in ("task", "language")]
+        assert not sources.reads(None)
+    outside = rule.sources(None, None)
+    assert outside.roles == (("task", "language") if non_layer == "average" else (non_layer,))

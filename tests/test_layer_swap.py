@@ -256,17 +256,11 @@ def test_model_card_describes_the_swap(families, tmp_path):
 
 
 def test_tokenizer_option_aligns_different_vocabularies(families, tmp_path):
-    from checkpoints import ARCHS, Arch, make_model
+    from checkpoints import ARCHS, make_model, variant
 
     fam = families("llama")
-    base = ARCHS["llama"]
-
-    def bigger_vocab():
-        config = base.make_config()
-        config.vocab_size = 100  # tokens w0..w95 as in the others, plus w96..w99
-        return config
-
-    lang = make_model(Arch("llama100", bigger_vocab, base.layer_prefix, 8), str(tmp_path / "lang100"), seed=31)
+    # tokens w0..w95 as in the others, plus w96..w99
+    lang = make_model(variant(ARCHS["llama"], "llama100", vocab_size=100), str(tmp_path / "lang100"), seed=31)
     models = [{"model": fam.task, "parameters": {"role": "task"}}, {"model": lang, "parameters": {"role": "language"}}]
     recipe = swap_recipe(fam, models=models, **ZONED)
     recipe["tokenizer"] = {"source": fam.task}

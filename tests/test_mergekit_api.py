@@ -1,4 +1,4 @@
-"""Fails loudly when the mergekit internals planning.py adapts move.
+"""Fails loudly when the mergekit internals adapter/adaptation.py adapts move.
 
 Exercises them, not only version strings: a real plan is built with mergekit's
 MergePlanner and every planned tensor is checked for the inputs it reads.
@@ -12,11 +12,11 @@ from helpers import swap_recipe
 
 
 def test_the_pin_and_the_verified_versions_agree():
-    """pyproject.toml pins exactly the mergekit versions planner.py was verified with."""
+    """pyproject.toml pins exactly the mergekit versions the adaptation table was verified with."""
     import os
     import re
 
-    from mergekit_layerswap.adapter.planner import VERIFIED_MERGEKIT_VERSIONS
+    from mergekit_layerswap.adapter.adaptation import VERIFIED_MERGEKIT_VERSIONS
 
     with open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml"), encoding="utf-8") as handle:
         pins = re.findall(r'"mergekit==([^"]+)"', handle.read())
@@ -25,32 +25,56 @@ def test_the_pin_and_the_verified_versions_agree():
 
 
 def test_an_unverified_mergekit_is_named_in_a_warning(caplog):
-    from mergekit_layerswap.adapter.planner import _check_version
+    from mergekit_layerswap.adapter.adaptation import check_version
 
-    with caplog.at_level("WARNING", logger="mergekit_layerswap.adapter.planner"):
-        _check_version("0.1.5")
+    with caplog.at_level("WARNING", logger="mergekit_layerswap.adapter.adaptation"):
+        check_version("0.1.5")
         assert not caplog.records
-        _check_version("0.2.0")
+        check_version("0.2.0")
     assert len(caplog.records) == 1 and "0.2.0" in caplog.records[0].getMessage()
 
 
-def test_adapted_functions_are_in_place():
-    import mergekit.card
-    import mergekit.merge
-    import mergekit.plan
+def test_every_row_of_the_adaptation_table_is_in_place():
+    from mergekit_layerswap.adapter.adaptation import PATCHES, in_place
 
-    for owner, name in [
-        (mergekit.merge, "get_architecture_info"),
-        (mergekit.merge, "_model_out_config"),
-        (mergekit.merge, "_get_donor_model"),
-        (mergekit.merge, "generate_card"),
-        (mergekit.card, "is_hf"),
-        (mergekit.plan.MergePlanner, "normalize_config"),
-        (mergekit.plan.MergePlanner, "plan_layer"),
-        (mergekit.plan.MergePlanner, "plan_tensor"),
-        (mergekit.plan.MergePlanner, "plan_to_disk"),
-    ]:
-        assert getattr(getattr(owner, name), "__layerswap_original__", None) is not None, name
+    assert {p.part for p in PATCHES} >= {"planner", "executor", "writer", "loader", "card", "multimerge", "click"}
+    assert not [f"{p.module}.{p.owner}.{p.attribute}" for p in PATCHES if not in_place(p)]
+
+
+def test_a_moved_attribute_is_named_in_one_error():
+    import types
+
+    import pytest
+
+    from mergekit_layerswap.adapter.adaptation import PATCHES, check_present
+
+    rows = [p for p in PATCHES if p.module == "mergekit.plan"]
+    stand_in = types.SimpleNamespace(__name__="mergekit.plan", MergePlanner=type("MergePlanner", (), {}))
+    with pytest.raises(RuntimeError, match="mergekit.plan.MergePlanner.normalize_config, .*plan_to_disk"):
+        check_present(stand_in, rows)
+
+
+def test_no_mergekit_function_is_replaced_outside_the_table():
+    """Only adaptation.on_load wraps mergekit attributes: every patch is a row."""
+    import ast
+    import os
+
+    package = os.path.join(os.path.dirname(__file__), "..", "mergekit_layerswap")
+    offenders = []
+    for folder, _dirs, files in os.walk(package):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            with open(path, encoding="utf-8") as handle:
+                tree = ast.parse(handle.read())
+            for node in ast.walk(tree):
+                called = isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                if called == "wrap" and not path.endswith(os.path.join("adapter", "adaptation.py")):
+                    offenders.append(f"{os.path.relpath(path, package)}:{node.lineno} {called}")
+                if isinstance(node, ast.Assign) and any(getattr(t, "attr", None) == "callback" for t in node.targets):
+                    offenders.append(f"{os.path.relpath(path, package)}:{node.lineno} .callback =")
+    assert offenders == [], offenders
 
 
 def _plan(recipe, out_path):

@@ -41,7 +41,7 @@ def _last_number(text):
 
 
 def _write_task(folder, rows, shots=1):
-    from mergekit_layerswap.core.mgsm import LANGUAGES
+    from mergekit_layerswap.tools.mgsm import LANGUAGES
     from mergekit_layerswap.tools.mgsm_data import task_config
 
     os.makedirs(folder, exist_ok=True)
@@ -142,7 +142,7 @@ def test_generated_yaml_mirrors_lm_eval_mgsm_native_cot():
     """Every prompt word, filter, metric and stop sequence equals lm-eval's own task."""
     from lm_eval.tasks._yaml_loader import load_yaml as load_yaml_config  # resolves "include: cot_yaml"
 
-    from mergekit_layerswap.core.mgsm import LANGUAGES
+    from mergekit_layerswap.tools.mgsm import LANGUAGES
     from mergekit_layerswap.tools.mgsm_data import task_config
 
     folder = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "mgsm", "native_cot")

@@ -20,7 +20,7 @@ import time
 
 import pytest
 import yaml
-from checkpoints import ARCHS, Arch, load_tensors, make_model
+from checkpoints import ARCHS, SPECIAL, load_tensors, make_model
 from click.testing import CliRunner
 from helpers import Family, assert_one_line_error, run_yaml_inprocess, swap_recipe, write_recipe
 
@@ -338,23 +338,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(fam, tmp_path):
 @pytest.fixture(scope="module")
 def big_family(tmp_path_factory):
     """Experts of ~31 MB each: written as 1 MB shards the merge takes seconds to write."""
-    from transformers import LlamaConfig
-
-    arch = Arch(
-        "llama-wide",
-        lambda: LlamaConfig(
-            hidden_size=256,
-            intermediate_size=1024,
-            num_hidden_layers=8,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=96,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-        ),
-        "model.layers.{}.",
-        8,
-    )
+    arch = SPECIAL["llama-wide"]
     root = tmp_path_factory.mktemp("big")
     task = make_model(arch, str(root / "task"), seed=2)
     lang = make_model(arch, str(root / "lang"), seed=3)

@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 import torch
-from checkpoints import Arch, load_tensors
+from checkpoints import SPECIAL, load_tensors
 from helpers import (
     Family,
     assert_one_line_error,
@@ -148,25 +148,9 @@ def test_installed_mergekit_yaml_prints_the_non_finite_refusal_in_one_line(famil
 # ``rotary_emb.inv_freq``); mergekit's gpt-neox definition lists all three as layer
 # tensors. Today's transformers no longer saves them, so the generated checkpoints get
 # them added the way those files hold them. int32 is the same case with another dtype.
-NEOX_LAYERS = 6
-NEOX_POSITIONS = 16
-
-
-def _neox_config():
-    from transformers import GPTNeoXConfig
-
-    return GPTNeoXConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=NEOX_LAYERS,
-        num_attention_heads=4,
-        vocab_size=96,
-        max_position_embeddings=NEOX_POSITIONS,
-        tie_word_embeddings=False,
-    )
-
-
-NEOX = Arch("gpt_neox", _neox_config, "gpt_neox.layers.{}.", NEOX_LAYERS)
+NEOX = SPECIAL["gpt_neox"]
+NEOX_LAYERS = NEOX.num_layers
+NEOX_POSITIONS = NEOX.make_config().max_position_embeddings
 
 
 def _mask(dtype):

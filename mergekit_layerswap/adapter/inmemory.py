@@ -21,7 +21,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mergekit.merge_methods.base import FunctionalGroupMergeMethod, PerGroupValues
 
-from mergekit_layerswap.adapter.trust import HOW_TO_MERGE, NON_LAYER
+from mergekit_layerswap.adapter.tensor_checks import HOW_TO_MERGE, NON_LAYER
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import RecipeError
 

@@ -7,10 +7,10 @@ architecture definitions) and, under ``weighting: magnitude``, each expert's mea
 change against ``base_model`` (``magnitude``). A recipe cannot set either.
 
 A tensor whose position nobody gave (``layer_index`` left out: mergekit's in-memory API,
-``mergekit-pytorch``) is refused, never treated as a non-layer tensor; ``api.py`` fills
+``mergekit-pytorch``) is refused, never treated as a non-layer tensor; ``inmemory.py`` fills
 the positions in for ``merge_state_dicts`` from mergekit's architecture definitions.
 Every average is checked for non-finite values and integer tensors are never averaged
-(``trust.py``).
+(``tensor_checks.py``).
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ from mergekit.merge_methods.easy_define import merge_method
 from pydantic import NonNegativeInt, PositiveFloat
 from typing_extensions import Literal
 
-from mergekit_layerswap.adapter import trust
+from mergekit_layerswap.adapter import tensor_checks
 from mergekit_layerswap.adapter.blend import blend_roles
 from mergekit_layerswap.adapter.mixing import Members, mix_roles
 from mergekit_layerswap.core import METHOD_NAME, PAPER_URL
-from mergekit_layerswap.core.layers import ROLES, SwapZones, role_shares
+from mergekit_layerswap.core.layers import ROLES, SwapRule, SwapZones
 
 Role = Literal["task", "language"]
-NON_LAYER = trust.NON_LAYER  # layer_index of a tensor outside the decoder layers
+NON_LAYER = tensor_checks.NON_LAYER  # layer_index of a tensor outside the decoder layers
 
 
 @merge_method(
@@ -65,30 +65,33 @@ def layer_swap(
     magnitude: PerInput[PositiveFloat] = 1.0,
 ) -> torch.Tensor:
     name = group.metadata.name
-    layer = trust.layer_position(layer_index, num_layers, name)
-    zones = SwapZones(bottom_layers, top_layers, bottom_transition, top_transition)
-    shares = role_shares(layer, num_layers, zones, non_layer, transition_shape)
+    layer = tensor_checks.layer_position(layer_index, num_layers, name)
+    rule = SwapRule(
+        SwapZones(bottom_layers, top_layers, bottom_transition, top_transition), non_layer, transition_shape
+    )
+    sources = rule.sources(layer, num_layers)
+    shares = sources.shares
     members: Members = {r: [] for r in ROLES}
     used = []  # the entries whose tensors this output is made of
     for entry in group.non_base:
-        entry_role = trust.role_of(role, entry.id, name)
+        entry_role = tensor_checks.role_of(role, entry.id, name)
         w = weight[entry.id]
         if weighting == "magnitude":
             w = w / magnitude[entry.id]
         members[entry_role].append((entry.tensor, w))
-        if shares[entry_role] > 0:
+        if sources.reads(entry_role):
             used.append(entry)
     if any(not entry.tensor.is_floating_point() for entry in group.entries):
-        return trust.copied_integer_tensor(used, name)
+        return tensor_checks.copied_integer_tensor(used, name)
     if blend_method == "average":
         result = mix_roles(members, shares, name=name)
     else:
         base = group.base.tensor if group.base is not None else None
         result = blend_roles(members, shares, blend_method, dict(blend_options or ()), base, group.metadata)
-        if group.base is not None and sum(share > 0 for share in shares.values()) > 1:
+        if group.base is not None and sources.blends:
             used.append(group.base)
     if len(used) > 1:
-        trust.check_finite(result, used, name)
+        tensor_checks.check_finite(result, used, name)
     return result
 
 

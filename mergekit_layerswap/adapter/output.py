@@ -243,7 +243,7 @@ def remove_stale_temporaries(target: str, inputs: List[Tuple[str, str]]) -> None
 
 # ------------------------------------------------------------------ space
 def _dtype_bytes(name: Optional[str]) -> Optional[int]:
-    from mergekit_layerswap.adapter.weight_files import DTYPE_BYTES
+    from mergekit_layerswap.adapter.file_checks import DTYPE_BYTES
 
     return DTYPE_BYTES.get(str(name).upper()) if name else None
 
@@ -253,8 +253,8 @@ def output_bytes(config) -> Optional[int]:
     (from the file headers, as ``explain`` counts them), plus its other small files.
     None when no expert is a plain local checkpoint (hub ids, LoRA) or its headers cannot
     be read (the merge's own checks then report the problem)."""
-    from mergekit_layerswap.adapter.checks import stored_tensors
-    from mergekit_layerswap.adapter.weight_files import DTYPE_BYTES, tensor_bytes
+    from mergekit_layerswap.adapter.file_checks import DTYPE_BYTES, tensor_bytes
+    from mergekit_layerswap.adapter.header_checks import stored_tensors
 
     out_dtype = config.out_dtype or config.dtype
     element = _dtype_bytes(out_dtype)

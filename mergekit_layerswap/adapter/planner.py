@@ -1,42 +1,13 @@
-"""The one module that adapts mergekit internals for ``layer_swap`` (verified: mergekit 0.1.5).
+"""The wrappers that adapt mergekit's merge, planner, executor, writer, card and
+mergekit-multi for ``layer_swap`` (verified: mergekit 0.1.5).
 
 mergekit's method API gives a kernel the output tensor's name and its inputs, and
 only ``validate_inputs(ids, base_id)`` before planning; its planner reads every input
-model (plus ``base_model``) for every output tensor. This module, applied by the
-import hook when ``mergekit.merge`` and ``mergekit.plan`` load, changes exactly this
-for ``merge_method: layer_swap`` recipes and nothing for any other method:
-
-* ``mergekit.merge.get_architecture_info`` - first thing ``run_merge`` does: the
-  recipe is validated (structure, configs, layer counts, weight file headers) before
-  any download, LoRA merge or output file;
-* ``MergePlanner.normalize_config`` - tensor headers are checked and the magnitude
-  statistics are computed (streaming, cached), still before anything is written;
-* ``MergePlanner.plan_layer`` - records the decoder-layer index mergekit is planning
-  (from its architecture definition);
-* ``MergePlanner.plan_tensor`` - mergekit's own planning of one tensor, given only
-  the experts whose role this tensor needs (never ``base_model``), plus the layer
-  position and magnitude statistics as kernel parameters;
-* ``MergePlanner.plan_to_disk`` - integer tensors (never averaged) are saved in their own
-  dtype, not ``out_dtype`` (a no-op when the experts store none);
-* ``mergekit.merge._model_out_config`` / ``_get_donor_model`` - the output's
-  config.json, tokenizer and generation config come from the recipe's first language
-  expert instead of an arbitrary (hash-ordered) model;
-* ``mergekit.merge.generate_card`` - a model card that describes the swap;
-* ``mergekit.card.is_hf`` - an existing local path is local (0.1.5 asks the Hub
-  about relative paths such as ``models/task`` and fails offline after writing);
-* ``mergekit.scripts.multimerge.load_config`` - every layer_swap stage of a
-  mergekit-multi file is checked (its structure: models may not exist yet) before
-  the first stage runs;
-* ``mergekit.merge.run_merge`` - the output never overlaps an input, is built in a
-  temporary sibling and swapped into place when complete (``output.py``);
-* ``mergekit.graph.Executor._run`` - while a layer_swap merge runs, a thread reads the
-  input tensors its schedule will load a bounded distance ahead (``readahead.py``); it
-  only warms the page cache, mergekit still loads every value itself;
-* ``mergekit.io.tensor_writer.TensorWriter._write_shard_task`` - each finished shard of a
-  layer_swap merge is handed to the kernel's writeback at once (``output.start_writeback``);
-  the bytes are mergekit's own;
-* ``mergekit.scripts.multimerge.MergeModelTask.execute`` - the lazy mode skips a
-  layer_swap stage only when its stored ``mergekit_config.yml`` is this stage.
+model (plus ``base_model``) for every output tensor. Each function here named
+``_<what it does>(original)`` builds the replacement of one mergekit function; which
+function each replaces, and why, is the table in ``adaptation.py`` (the one list of
+what this package changes in mergekit). Every replacement changes nothing for a recipe
+whose ``merge_method`` is not ``layer_swap``.
 
 ``MERGEKIT_LAYERSWAP_READ_ALL=1`` plans the unoptimised way (both experts read for
 every tensor); outputs are identical, which the tests check.
@@ -51,14 +22,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from mergekit_layerswap.adapter import trust
-from mergekit_layerswap.adapter.hooks import wrap
-from mergekit_layerswap.adapter.trust import NON_LAYER
+from mergekit_layerswap.adapter import tensor_checks
+from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 from mergekit_layerswap.core import METHOD_NAME
-from mergekit_layerswap.core.layers import role_shares
 
 LOG = logging.getLogger(__name__)
-VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
 
 
 @dataclass
@@ -96,8 +64,8 @@ def parse(config):
 
 def prepare(config, trust_remote_code: bool = False) -> SwapRun:
     """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
-    from mergekit_layerswap.adapter.checks import read_models
-    from mergekit_layerswap.adapter.recipe_schema import check_dtypes
+    from mergekit_layerswap.adapter.header_checks import read_models
+    from mergekit_layerswap.adapter.recipe_text_schema import check_dtypes
 
     recipe = parse(config)
     check_dtypes(config)
@@ -127,8 +95,8 @@ def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) ->
 
 
 def _check_effective_weights(run: SwapRun) -> None:
-    """weight / m must stay usable (core/weights.py); a tiny m makes it huge."""
-    from mergekit_layerswap.core.weights import check_normalised, weight_values
+    """weight / m must stay usable (core/recipe_value_checks.py); a tiny m makes it huge."""
+    from mergekit_layerswap.core.recipe_value_checks import check_normalised, weight_values
 
     effective = []
     for expert in run.recipe.experts:
@@ -153,20 +121,11 @@ def describe_weights(run: SwapRun) -> str:
 
 
 # ---------------------------------------------------------------- mergekit.plan
-def on_plan(plan_module) -> None:
-    _require(plan_module, "MergePlanner", ("normalize_config", "plan_layer", "plan_tensor", "plan_to_disk"))
-    planner_cls = plan_module.MergePlanner
-    wrap(planner_cls, "plan_to_disk", _plan_to_disk)
-    wrap(planner_cls, "normalize_config", _normalize_config)
-    wrap(planner_cls, "plan_layer", _plan_layer)
-    wrap(planner_cls, "plan_tensor", _plan_tensor)
-
-
 def _normalize_config(original):
     def normalize_config(self):
         if not is_layer_swap(self.config):
             return original(self)
-        from mergekit_layerswap.adapter.checks import check_tensors
+        from mergekit_layerswap.adapter.header_checks import check_tensors
 
         run = run_for(self.config) or prepare(self.config, self.options.trust_remote_code)
         configured_tokenizer = bool(self.config.tokenizer or self.config.tokenizer_source)
@@ -177,8 +136,8 @@ def _normalize_config(original):
             tokenizer_configured=configured_tokenizer,
             dtype_configured=self.config.dtype is not None,
         )
-        run.integers = trust.integer_tensors(run.recipe.models, stored)
-        trust.check_blended_integers(run.recipe, run.info, run.integers)
+        run.integers = tensor_checks.integer_tensors(run.recipe.models, stored)
+        tensor_checks.check_blended_integers(run.recipe, run.info, run.integers)
         device = self.options.device if self.options.cuda or self.options.read_to_gpu else "cpu"
         resolve_magnitudes(run, device=device or "cpu", quiet=self.options.quiet)
         weights = describe_weights(run)
@@ -214,13 +173,12 @@ def _plan_tensor(original):
         run: SwapRun = self._layer_swap
         recipe = run.recipe
         layer = self._layer_swap_layer
-        shares = role_shares(layer, run.info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
-        blending = sum(share > 0 for share in shares.values()) > 1
-        with_base = blending and recipe.base_model is not None and recipe.blend_needs_base
+        sources = recipe.rule.sources(layer, run.info.num_layers)
+        with_base = sources.blends and recipe.base_model is not None and recipe.blend_needs_base
         keep = [
             index
             for index, model in enumerate(models)
-            if (recipe.role_of(model) is not None and (read_all() or shares[recipe.role_of(model)] > 0))
+            if (recipe.role_of(model) is not None and (read_all() or sources.reads(recipe.role_of(model))))
             or (with_base and model == recipe.base_model)
         ]
         planned = len(self._tensors)
@@ -307,28 +265,6 @@ def _magnitude_of(run: SwapRun, model) -> float:
 
 
 # --------------------------------------------------------------- mergekit.merge
-def on_merge(merge_module) -> None:
-    _check_version()
-    _require(
-        merge_module,
-        None,
-        ("get_architecture_info", "_model_out_config", "_get_donor_model", "generate_card", "run_merge"),
-    )
-    wrap(merge_module, "run_merge", _atomic_run_merge)
-    wrap(merge_module, "get_architecture_info", _validating_architecture_info)
-    wrap(merge_module, "_model_out_config", _with_donor_as_base)
-    wrap(merge_module, "_get_donor_model", _with_donor_as_base)
-    wrap(merge_module, "generate_card", _layer_swap_card)
-    card_module = sys.modules["mergekit.card"]
-    _require(card_module, None, ("is_hf",))
-    wrap(card_module, "is_hf", _local_paths_are_local)
-    _require(merge_module.Executor, None, ("_run",))
-    wrap(merge_module.Executor, "_run", _reading_ahead)
-    writer_class = sys.modules["mergekit.io.tensor_writer"].TensorWriter
-    _require(writer_class, None, ("_write_shard_task",))
-    wrap(writer_class, "_write_shard_task", _writing_back)
-
-
 def _validating_architecture_info(original):
     def get_architecture_info(config, options):
         if not is_layer_swap(config):
@@ -455,19 +391,6 @@ def _local_paths_are_local(original):
 
 
 # ------------------------------------------------- mergekit.scripts.multimerge
-def on_multimerge(multimerge_module) -> None:
-    _require(multimerge_module, None, ("load_config", "MergeModelTask"))
-    _require(multimerge_module, "MergeModelTask", ("execute", "model_copy"))
-    fields = {"lazy", "config_yaml", "out_path", "name"} - set(multimerge_module.MergeModelTask.model_fields)
-    if fields:
-        raise RuntimeError(
-            f"mergekit-layerswap needs MergeModelTask fields {', '.join(sorted(fields))}, which this "
-            f"mergekit lacks; it was verified with mergekit {', '.join(VERIFIED_MERGEKIT_VERSIONS)}"
-        )
-    wrap(multimerge_module, "load_config", _checking_stages)
-    wrap(multimerge_module.MergeModelTask, "execute", _lazy_only_when_unchanged)
-
-
 def _checking_stages(original):
     def load_config(*args, **kwargs):
         merge_configs, dependencies = original(*args, **kwargs)
@@ -493,28 +416,3 @@ def _lazy_only_when_unchanged(original):
         return original(self, **kwargs)
 
     return execute
-
-
-# ------------------------------------------------------------------- guards
-def _check_version(found: Optional[str] = None) -> None:
-    """Warn (once per merge) when the installed mergekit is not one this module was verified with."""
-    from importlib.metadata import version
-
-    found = found or version("mergekit")
-    if found not in VERIFIED_MERGEKIT_VERSIONS:
-        LOG.warning(
-            "mergekit-layerswap was verified with mergekit %s; found %s",
-            ", ".join(VERIFIED_MERGEKIT_VERSIONS),
-            found,
-        )
-
-
-def _require(module, class_name: Optional[str], attributes) -> None:
-    owner = getattr(module, class_name) if class_name else module
-    missing = [a for a in attributes if not hasattr(owner, a)]
-    if missing:
-        where = f"{module.__name__}.{class_name}" if class_name else module.__name__
-        raise RuntimeError(
-            f"mergekit-layerswap needs {where}.{', '.join(missing)}, which this mergekit "
-            f"lacks; it was verified with mergekit {', '.join(VERIFIED_MERGEKIT_VERSIONS)}"
-        )

@@ -24,7 +24,7 @@ import os
 import threading
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from mergekit_layerswap.adapter.weight_files import read_safetensors_layout
+from mergekit_layerswap.adapter.file_checks import read_safetensors_layout
 from mergekit_layerswap.core.errors import LayerSwapError, OptionError
 
 LOG = logging.getLogger(__name__)

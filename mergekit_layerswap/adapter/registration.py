@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from mergekit_layerswap.adapter import hooks
+from mergekit_layerswap.adapter.adaptation import MODULES
 from mergekit_layerswap.core import METHOD_NAME
 
 KERNEL_MODULE = "mergekit_layerswap.adapter.kernel"
@@ -21,15 +22,8 @@ WATCHED = {
     # the method joins mergekit's registry, whichever of the two is imported first
     "mergekit.merge_methods.registry": "mergekit_layerswap.adapter.registration:on_registry",
     KERNEL_MODULE: "mergekit_layerswap.adapter.registration:on_kernel",
-    # the planner adapter (layer positions, reads, validation, card)
-    "mergekit.plan": "mergekit_layerswap.adapter.planner:on_plan",
-    "mergekit.merge": "mergekit_layerswap.adapter.planner:on_merge",
-    # mergekit's own commands print this package's errors as one `Error:` line
-    "mergekit.scripts.multimerge": (
-        "mergekit_layerswap.adapter.planner:on_multimerge",
-        "mergekit_layerswap.cli.mergekit_scripts:on_script",
-    ),
-    "mergekit.scripts.run_yaml": "mergekit_layerswap.cli.mergekit_scripts:on_script",
+    # every adaptation of mergekit internals: the rows of adaptation.PATCHES for that module
+    **dict.fromkeys(MODULES, "mergekit_layerswap.adapter.adaptation:on_load"),
 }
 
 

@@ -69,8 +69,8 @@ def mgsm_symbolic_command(languages, out_dir, shots, instances, seed, source, ca
     Use with `lm_eval --include_path OUT --tasks mgsm_symbolic_native_cot_swh` or
     `mergekit-layerswap sweep --eval lm-eval:mgsm_symbolic_native_cot_swh --tasks-path OUT`.
     """
-    from mergekit_layerswap.core.mgsm import language
     from mergekit_layerswap.demo.data import TemplateSource, fetch_wheel
+    from mergekit_layerswap.tools.mgsm import language
     from mergekit_layerswap.tools.mgsm_data import MgsmSettings, write_mgsm_tasks
 
     for code in languages:

@@ -2,13 +2,13 @@
 this package's errors reach the user as one ``Error:`` line, exit status 1, no traceback.
 
 A recipe file whose text says ``merge_method: layer_swap`` is first read and checked by
-this package (``adapter/recipe_schema.py``: unknown keys, nulls, broken YAML, mergekit's
+this package (``adapter/recipe_text_schema.py``: unknown keys, nulls, broken YAML, mergekit's
 own schema errors), before mergekit's callback opens it or creates any directory; other
 files reach mergekit untouched.
 
 mergekit's click commands print only click exceptions that way; library code here
 raises ``LayerSwapError``, so the command's callback is wrapped once, when its module
-loads (see ``adapter/registration.py``). Other exceptions pass through untouched.
+loads (a row of ``adapter/adaptation.py``). Other exceptions pass through untouched.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def as_click_error(error: LayerSwapError) -> click.ClickException:
 
 def _check_recipe_file(script_name: str, config_file) -> None:
     """Check a layer_swap recipe file before mergekit reads it (other files: nothing)."""
-    from mergekit_layerswap.adapter.recipe_schema import read_multi_recipe_text, read_recipe_text
+    from mergekit_layerswap.adapter.recipe_text_schema import read_multi_recipe_text, read_recipe_text
 
     if not isinstance(config_file, str):
         return
@@ -61,7 +61,11 @@ def translating(callback, script_name: str = ""):
     return run
 
 
-def on_script(script_module) -> None:
-    command = getattr(script_module, "main", None)
-    if isinstance(command, click.Command) and command.callback is not None:
-        command.callback = translating(command.callback, script_module.__name__)
+def translating_run_yaml(callback):
+    """The replacement of ``mergekit-yaml``'s callback (a row of ``adapter/adaptation.py``)."""
+    return translating(callback, "mergekit.scripts.run_yaml")
+
+
+def translating_multimerge(callback):
+    """The replacement of ``mergekit-multi``'s callback (a row of ``adapter/adaptation.py``)."""
+    return translating(callback, "mergekit.scripts.multimerge")

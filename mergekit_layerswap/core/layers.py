@@ -10,6 +10,10 @@ For a model of ``L`` decoder layers (indices ``0 .. L-1``) and zone sizes
 * ``b-1+t_b < l`` **and** ``l < L-u-t_u`` -> the task expert's layer;
 * otherwise                               -> a transition layer, a weighted blend.
 
+``SwapRule`` is the one entry point the rest of the package asks: which expert role(s),
+with which shares, for one tensor, and whether an expert must be read for it (the
+kernel, the planner, the finiteness and integer checks and ``explain`` all ask it).
+
 The paper's printed pseudocode says "or" in the second test. With "or" every layer
 satisfies it and no transition layer could exist, so "and" is what is meant and what
 this module implements.
@@ -18,7 +22,7 @@ this module implements.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from mergekit_layerswap.core.parameters import DEFAULTS
 
@@ -94,3 +98,42 @@ def role_shares(
 def layer_table(num_layers: int, zones: SwapZones) -> list[tuple[int, str]]:
     """(layer, source) for every decoder layer, bottom first."""
     return [(layer, layer_source(layer, num_layers, zones)) for layer in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class TensorSources:
+    """Where one output tensor comes from: each role's share of the mixing weight."""
+
+    shares: Dict[str, float]
+
+    def reads(self, role: Optional[str]) -> bool:
+        """Whether an expert of ``role`` is read for this tensor (its role has a share)."""
+        return role is not None and self.shares[role] > 0
+
+    @property
+    def roles(self) -> Tuple[str, ...]:
+        """The roles read, task first."""
+        return tuple(role for role in ROLES if self.shares[role] > 0)
+
+    @property
+    def blends(self) -> bool:
+        """More than one role: the tensor is a weighted blend, not one expert's copy."""
+        return len(self.roles) > 1
+
+
+@dataclass(frozen=True)
+class SwapRule:
+    """A recipe's rule: its zones, its non-layer choice and its transition shape."""
+
+    zones: SwapZones = SwapZones()
+    non_layer: str = DEFAULTS["non_layer"]
+    transition_shape: str = DEFAULTS["transition_shape"]
+
+    def sources(self, layer: Optional[int], num_layers: Optional[int]) -> TensorSources:
+        """For the tensor of decoder layer ``layer`` of ``num_layers`` (``None``: a
+        non-layer tensor)."""
+        return TensorSources(role_shares(layer, num_layers, self.zones, self.non_layer, self.transition_shape))
+
+    def source(self, layer: int, num_layers: int) -> str:
+        """``language``, ``task`` or ``blend`` for decoder layer ``layer``."""
+        return layer_source(layer, num_layers, self.zones)

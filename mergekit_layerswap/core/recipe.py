@@ -1,8 +1,9 @@
-"""Read a ``layer_swap`` recipe (a parsed mergekit ``MergeConfiguration``) and refuse
-bad ones with one line that names the parameter and the fix.
+"""Validation stage 2, the recipe values: read a ``layer_swap`` recipe (a parsed mergekit
+``MergeConfiguration``) and refuse bad ones with one line that names the parameter and
+the fix.
 
 Only the recipe's own structure is checked here; nothing is read from the models.
-Checks that need model configs or tensor headers live in ``checks.py``.
+Checks that need model configs or tensor headers live in ``header_checks.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import LANGUAGE, ROLES, SwapZones
+from mergekit_layerswap.core.layers import LANGUAGE, ROLES, SwapRule, SwapZones
 from mergekit_layerswap.core.parameters import (
     BLEND_PREFIX,
     CHOICE_PARAMETERS,
@@ -59,6 +60,11 @@ class SwapRecipe:
         and write tokens, are the language expert's)."""
         return self.of_role(LANGUAGE)[0].model
 
+    @property
+    def rule(self) -> SwapRule:
+        """The layer rule this recipe sets (``core/layers.py``)."""
+        return SwapRule(self.zones, self.non_layer, self.transition_shape)
+
     def role_of(self, model) -> Optional[str]:
         for e in self.experts:
             if e.model == model:
@@ -70,25 +76,8 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, (bool, int, float, str))
 
 
-def _numbers_in(setting: Any) -> Optional[List[Any]]:
-    """Every value a weight setting can take (scalars, gradient lists, filters)."""
-    if is_scalar(setting):
-        return [setting]
-    if isinstance(setting, list):
-        values = []
-        for item in setting:
-            inner = _numbers_in(getattr(item, "value", item))
-            if inner is None:
-                return None
-            values.extend(inner)
-        return values
-    if hasattr(setting, "value"):
-        return _numbers_in(setting.value)
-    return None
-
-
 def _check_weight(setting: Any, where: str) -> None:
-    from mergekit_layerswap.core.weights import check_weight
+    from mergekit_layerswap.core.recipe_value_checks import check_weight
 
     check_weight(setting, where)
 
@@ -184,7 +173,7 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
         _check_weight(weight, where)
         experts.append(Expert(model=model_in.model, role=role, weight=weight))
 
-    from mergekit_layerswap.core.weights import check_normalised, weight_values
+    from mergekit_layerswap.core.recipe_value_checks import check_normalised, weight_values
 
     check_normalised([(f"models[{i}] ({e.model})", weight_values(e.weight)) for i, e in enumerate(experts)])
     for role in ROLES:

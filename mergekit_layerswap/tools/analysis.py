@@ -210,7 +210,7 @@ def analyze_experts(
     base, experts: Sequence[Any], device: str = "cpu", quiet: bool = True, trust_remote_code: bool = False
 ) -> List[ExpertDelta]:
     """Stream every expert against ``base``; configs and headers are checked first."""
-    from mergekit_layerswap.adapter.checks import read_models, stored_tensors
+    from mergekit_layerswap.adapter.header_checks import read_models, stored_tensors
     from mergekit_layerswap.adapter.magnitude import stream_row_mavs
     from mergekit_layerswap.core.layers import LANGUAGE, SwapZones
     from mergekit_layerswap.core.recipe import Expert, SwapRecipe

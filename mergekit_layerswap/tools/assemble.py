@@ -15,8 +15,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from mergekit_layerswap.adapter.checks import find_stored
-from mergekit_layerswap.adapter.trust import NON_LAYER
+from mergekit_layerswap.adapter.header_checks import find_stored
+from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 
 BASE_ID = "__base__"
 

@@ -132,7 +132,7 @@ def exemplars_path(test_path: str) -> str:
 
 def read_mgsm(path: str, limit: Optional[int] = None, num_fewshot: Optional[int] = None):
     """(language, exemplars, test rows) of an MGSM-format test file and its train file."""
-    from mergekit_layerswap.core.mgsm import LANGUAGES
+    from mergekit_layerswap.tools.mgsm import LANGUAGES
 
     rows = read_jsonl(
         path,
@@ -175,7 +175,7 @@ def exact_match(
     prompt: str = "chat",
     num_fewshot: Optional[int] = None,
 ) -> Score:
-    from mergekit_layerswap.core import mgsm
+    from mergekit_layerswap.tools import mgsm
 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

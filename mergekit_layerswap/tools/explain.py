@@ -12,7 +12,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import BLEND, ROLES, layer_source, role_shares
+from mergekit_layerswap.core.layers import BLEND, ROLES
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
 from mergekit_layerswap.tools.recipe_file import load_config
 
@@ -40,8 +40,8 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
     """Bytes of stored tensors the merge reads from each model (None: not local).
     Expects ``_load_cached_magnitudes`` to have run: an uncached statistic means the
     magnitude pass reads the whole expert and the whole base."""
-    from mergekit_layerswap.adapter.checks import stored_tensors
-    from mergekit_layerswap.adapter.weight_files import tensor_bytes
+    from mergekit_layerswap.adapter.file_checks import tensor_bytes
+    from mergekit_layerswap.adapter.header_checks import stored_tensors
 
     recipe, info = run.recipe, run.info
     magnitude_pass = recipe.weighting == "magnitude"
@@ -54,10 +54,7 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
         for name, (shape, dtype) in stored_tensors(expert.model).items():
-            shares = role_shares(
-                layers.get(name), info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape
-            )
-            if needs_all or shares[expert.role] > 0:
+            if needs_all or recipe.rule.sources(layers.get(name), info.num_layers).reads(expert.role):
                 total += tensor_bytes(shape, dtype)
         result[str(expert.model)] = total
     base = recipe.base_model
@@ -100,8 +97,8 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
     _load_cached_magnitudes(run)
     weights = _role_weights(run)
 
-    def mix(shares):
-        active = {r: shares[r] for r in ROLES if shares[r] > 0}
+    def mix(sources):
+        active = {r: sources.shares[r] for r in sources.roles}
         if len(active) == 1 or any(weights[r] is None for r in active):
             return {r: (round(s, 6) if len(active) > 1 else 1.0) for r, s in active.items()}, len(active) == 1
         total = sum(active[r] * weights[r] for r in active)
@@ -109,17 +106,16 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
 
     layers: List[Dict[str, Any]] = []
     for layer in range(info.num_layers):
-        shares = role_shares(layer, info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
-        fractions, resolved = mix(shares)
+        fractions, resolved = mix(recipe.rule.sources(layer, info.num_layers))
         layers.append(
             {
                 "layer": layer,
-                "source": layer_source(layer, info.num_layers, recipe.zones),
+                "source": recipe.rule.source(layer, info.num_layers),
                 "mix": fractions,
                 "mix_is_final": resolved,
             }
         )
-    non_layer_fractions, non_layer_resolved = mix(role_shares(None, None, recipe.zones, recipe.non_layer))
+    non_layer_fractions, non_layer_resolved = mix(recipe.rule.sources(None, None))
     return {
         "recipe": path,
         "architecture": info.arch_info.architectures[0],

@@ -14,7 +14,7 @@ language this writes, under an output directory:
   the native step-by-step solution and the native "the answer is N." sentence;
 * ``mgsm_symbolic_native_cot_<lang>.yaml`` - the lm-eval task
   ``mgsm_symbolic_native_cot_<lang>``: lm-eval's ``mgsm_native_cot_<mgsm code>``
-  (prompt words, filters, metric, stop sequences; see ``core/mgsm.py``) reading the two
+  (prompt words, filters, metric, stop sequences; see ``tools/mgsm.py``) reading the two
   files above, with ``num_fewshot`` set to ``shots``.
 """
 
@@ -30,7 +30,7 @@ import yaml
 
 from mergekit_layerswap.core.errors import DataError
 from mergekit_layerswap.core.files import atomic_write_text
-from mergekit_layerswap.core.mgsm import (
+from mergekit_layerswap.tools.mgsm import (
     FLEXIBLE_PATTERN,
     LM_EVAL_VERSION,
     TARGET_DELIMITER,

@@ -8,7 +8,7 @@ from mergekit_layerswap.core.errors import RecipeError
 def load_config(path: str):
     """The recipe at ``path``; a layer_swap recipe's text is checked first (unknown keys,
     nulls, broken YAML), then mergekit's schema, each refused in one line."""
-    from mergekit_layerswap.adapter.recipe_schema import read_recipe_text
+    from mergekit_layerswap.adapter.recipe_text_schema import read_recipe_text
 
     try:
         with open(path, encoding="utf-8") as handle:

@@ -66,8 +66,8 @@ def fingerprint(tensors: Dict[str, Any]) -> Dict[str, str]:
 
 
 def experts_fit_in_memory(run, factor: float = 2.5) -> bool:
-    from mergekit_layerswap.adapter.checks import stored_tensors
-    from mergekit_layerswap.adapter.weight_files import tensor_bytes
+    from mergekit_layerswap.adapter.file_checks import tensor_bytes
+    from mergekit_layerswap.adapter.header_checks import stored_tensors
 
     need = sum(tensor_bytes(s, d) for m in run.recipe.models for s, d in stored_tensors(m).values())
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

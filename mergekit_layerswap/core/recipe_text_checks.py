@@ -1,11 +1,12 @@
-"""Check a ``layer_swap`` recipe's YAML *text* before mergekit's schema reads it.
+"""Validation stage 1, the recipe text: a ``layer_swap`` recipe's YAML before mergekit's
+schema reads it.
 
 mergekit's pydantic schema silently drops keys it does not know, so ``paramters:`` (a
 typo) would merge with every default, and it answers a YAML ``null``, an empty ``models:``
 or a list in the wrong place with a traceback. The parsed ``MergeConfiguration`` no longer
 shows any of that, so this module reads the YAML node tree (``yaml.compose``), whose marks
 give the line to point at. Key names mergekit accepts are passed in (``RecipeSchema``,
-read from mergekit's own models by ``adapter/recipe_schema.py``); this module stays pure.
+read from mergekit's own models by ``adapter/recipe_text_schema.py``); this module stays pure.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Expert weights a merge can actually use.
+"""Validation stage 2, the recipe values: expert weights a merge can actually use.
 
 Weights are relative (each output tensor is ``sum(w_i * t_i) / sum(w_i)``), but the kernel
 multiplies float32 tensors by them before dividing: ``weight: .inf`` or ``1e308`` overflows,

@@ -1,5 +1,6 @@
-"""Checks that need the models' configs (architecture, layer count) or their tensor
-headers (names, shapes, tying). Both run before any output file exists.
+"""Validation stage 3, the files: what the models' configs (architecture, layer count)
+and their tensor headers (names, shapes, tying) say. Both run before any output file
+exists; the weight files themselves are checked by ``file_checks.py``.
 
 Layer counts and the tensors that form each layer come from mergekit's architecture
 definitions (``mergekit/_data/architectures/*.json``), never from tensor names.
@@ -77,7 +78,7 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
     tensor index opens a file."""
     from mergekit.architecture import arch_info_for_config
 
-    from mergekit_layerswap.adapter.weight_files import check_distinct_models
+    from mergekit_layerswap.adapter.file_checks import check_distinct_models
 
     check_distinct_models(recipe)
     configs = {}
@@ -131,14 +132,14 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
 
 def check_model_files(recipe: SwapRecipe) -> None:
     """Every local model's weight files are complete and safe to open (headers only)."""
-    from mergekit_layerswap.adapter.weight_files import check_weight_files
+    from mergekit_layerswap.adapter.file_checks import check_weight_files
 
     for model in _all_models(recipe):
         check_weight_files(model)
 
 
 def _safetensors_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    from mergekit_layerswap.adapter.weight_files import read_safetensors_header
+    from mergekit_layerswap.adapter.file_checks import read_safetensors_header
 
     header = read_safetensors_header(path)
     return {name: (tuple(entry["shape"]), entry["dtype"]) for name, entry in header.items() if name != "__metadata__"}

@@ -1,4 +1,5 @@
-"""What the ``layer_swap`` kernel refuses rather than computing a silently wrong tensor.
+"""Validation stage 4, the tensors: what the ``layer_swap`` kernel refuses rather than
+computing a silently wrong tensor.
 
 * A tensor whose decoder-layer position nobody gave is not a non-layer tensor: the
   planner marks non-layer tensors explicitly (``NON_LAYER``), so a missing position
@@ -141,14 +142,12 @@ def check_blended_integers(recipe, info, integers: dict) -> None:
         return
     from mergekit.io.tasks import LoaderCache
 
-    from mergekit_layerswap.core.layers import role_shares
-
     positions = info.layer_of(recipe.experts[0].model)
     for name in sorted(integers):
         if name not in positions:
             continue  # not part of the architecture: mergekit does not write it
-        shares = role_shares(positions[name], info.num_layers, recipe.zones, recipe.non_layer, recipe.transition_shape)
-        used = [expert.model for expert in recipe.experts if shares[expert.role] > 0]
+        sources = recipe.rule.sources(positions[name], info.num_layers)
+        used = [expert.model for expert in recipe.experts if sources.reads(expert.role)]
         if len(used) < 2:
             continue
         first = LoaderCache().get(used[0]).get_tensor(name)

@@ -1,7 +1,8 @@
-"""mergekit's recipe schema, seen from a ``layer_swap`` recipe file (verified: mergekit 0.1.5).
+"""Validation stage 1, the recipe text, against mergekit's recipe schema (verified: mergekit
+0.1.5).
 
 * ``recipe_schema()`` reads the key names mergekit's pydantic models accept, for the
-  text check in ``core/recipe_text.py`` (mergekit drops any other key silently);
+  text check in ``core/recipe_text_checks.py`` (mergekit drops any other key silently);
 * ``read_recipe_text`` / ``read_multi_recipe_text`` run that check and then mergekit's own
   schema, translating its errors (pydantic's several-line reports, bare ``RuntimeError``s
   from its validators) into one ``RecipeError`` naming the key and its YAML line;
@@ -17,7 +18,7 @@ from typing import Any, List, Optional, Tuple
 import yaml
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.recipe_text import (
+from mergekit_layerswap.core.recipe_text_checks import (
     RecipeSchema,
     check_multi_recipe_text,
     check_recipe_text,

@@ -1,4 +1,5 @@
-"""The models' files on disk, checked before mergekit opens them (verified: mergekit 0.1.5).
+"""Validation stage 3, the files: the models' weight files on disk, checked before mergekit
+opens them (verified: mergekit 0.1.5).
 
 mergekit's loader answers a missing, empty, truncated or garbage weight file, a missing
 shard or a damaged index with a traceback, sometimes after the output directory exists,

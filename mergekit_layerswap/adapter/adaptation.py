@@ -1,0 +1,157 @@
+"""Every adaptation of mergekit internals, one row each (verified: mergekit 0.1.5).
+
+mergekit 0.1.5 gives a merge method the output tensor and its inputs, nothing about
+where the tensor sits, and its planner reads every input for every tensor. What
+``layer_swap`` needs beyond that is done by replacing functions of mergekit, each listed
+once in ``PATCHES``: the mergekit module whose attribute is replaced, the owner inside it
+(``""`` for the module itself, else a class or object name), the attribute, and the
+function that builds the replacement from the original (``"module:function"``). Every
+replacement changes nothing for a recipe whose ``merge_method`` is not ``layer_swap``.
+
+The post-import hook (``registration.py``) calls ``on_load`` as each module named here
+finishes executing; ``on_load`` first checks that every owner and attribute the rows
+(and their ``uses``) name exists, so a mergekit that moved one fails with one message
+naming it, and warns when the installed mergekit is not a verified version.
+``tests/test_mergekit_api.py`` checks that every row is in place after an import.
+
+One row's wrapper lives above ``adapter/``: mergekit's own commands are click commands,
+and only ``cli/`` knows click (``cli/mergekit_scripts.py`` turns this package's errors
+into one ``Error:`` line). ``tests/test_layout.py`` reads these strings like imports and
+allows exactly that one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from mergekit_layerswap.adapter.hooks import wrap
+
+LOG = logging.getLogger(__name__)
+VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
+PLANNER = "mergekit_layerswap.adapter.planner"
+SCRIPTS = "mergekit_layerswap.cli.mergekit_scripts"
+
+
+@dataclass(frozen=True)
+class Patch:
+    part: str  # the part of mergekit it adapts
+    module: str  # the mergekit module whose attribute is replaced
+    owner: str  # "" for the module itself, else the name of a class or object in it
+    attribute: str
+    wrapper: str  # "package.module:function", called with the original, returns the replacement
+    uses: Tuple[str, ...] = ()  # other attributes (or pydantic fields) of the owner the wrapper relies on
+
+
+PATCHES: Tuple[Patch, ...] = (
+    # the recipe is validated (structure, configs, layer counts, weight file headers) first
+    # thing in run_merge, before any download, LoRA merge or output file
+    Patch("merge", "mergekit.merge", "", "get_architecture_info", f"{PLANNER}:_validating_architecture_info"),
+    # the output never overlaps an input, is built in a temporary sibling and swapped
+    # into place when complete (output.py)
+    Patch("merge", "mergekit.merge", "", "run_merge", f"{PLANNER}:_atomic_run_merge"),
+    # config.json, tokenizer and generation config come from the first language expert
+    Patch("merge", "mergekit.merge", "", "_model_out_config", f"{PLANNER}:_with_donor_as_base"),
+    Patch("merge", "mergekit.merge", "", "_get_donor_model", f"{PLANNER}:_with_donor_as_base"),
+    # tensor headers checked and magnitude statistics computed, before anything is written
+    Patch("planner", "mergekit.plan", "MergePlanner", "normalize_config", f"{PLANNER}:_normalize_config"),
+    # the decoder-layer index mergekit is planning (from its architecture definition)
+    Patch("planner", "mergekit.plan", "MergePlanner", "plan_layer", f"{PLANNER}:_plan_layer"),
+    # only the experts whose role the tensor needs, plus its position and magnitudes
+    Patch("planner", "mergekit.plan", "MergePlanner", "plan_tensor", f"{PLANNER}:_plan_tensor"),
+    # integer tensors are saved in their own dtype, not out_dtype
+    Patch("planner", "mergekit.plan", "MergePlanner", "plan_to_disk", f"{PLANNER}:_plan_to_disk"),
+    # a thread warms the input bytes the schedule reads next (readahead.py)
+    Patch("executor", "mergekit.graph", "Executor", "_run", f"{PLANNER}:_reading_ahead"),
+    # each finished shard goes to the kernel's writeback at once (output.py)
+    Patch("writer", "mergekit.io.tensor_writer", "TensorWriter", "_write_shard_task", f"{PLANNER}:_writing_back"),
+    # a model card that describes the swap
+    Patch("card", "mergekit.merge", "", "generate_card", f"{PLANNER}:_layer_swap_card"),
+    # an existing local path is local (0.1.5 asks the Hub about relative paths)
+    Patch("loader", "mergekit.card", "", "is_hf", f"{PLANNER}:_local_paths_are_local"),
+    # every layer_swap stage of a mergekit-multi file is checked before the first runs
+    Patch("multimerge", "mergekit.scripts.multimerge", "", "load_config", f"{PLANNER}:_checking_stages"),
+    # the lazy mode skips a stage only when its stored mergekit_config.yml is this stage
+    Patch(
+        "multimerge",
+        "mergekit.scripts.multimerge",
+        "MergeModelTask",
+        "execute",
+        f"{PLANNER}:_lazy_only_when_unchanged",
+        uses=("model_copy", "lazy", "config_yaml", "out_path", "name"),
+    ),
+    # this package's errors as one `Error:` line from mergekit's own commands
+    Patch("click", "mergekit.scripts.run_yaml", "main", "callback", f"{SCRIPTS}:translating_run_yaml"),
+    Patch("click", "mergekit.scripts.multimerge", "main", "callback", f"{SCRIPTS}:translating_multimerge"),
+)
+
+MODULES: Tuple[str, ...] = tuple(dict.fromkeys(p.module for p in PATCHES))
+
+
+def owner_of(module, patch: Patch):
+    return getattr(module, patch.owner) if patch.owner else module
+
+
+def _where(patch: Patch) -> str:
+    return f"{patch.module}.{patch.owner}" if patch.owner else patch.module
+
+
+def _has(owner, name: str) -> bool:
+    return hasattr(owner, name) or name in (getattr(owner, "model_fields", None) or {})
+
+
+def check_present(module, patches) -> None:
+    """Every owner, attribute and used name the rows for ``module`` need, or one error naming them."""
+    missing = []
+    for patch in patches:
+        owner = getattr(module, patch.owner, None) if patch.owner else module
+        if owner is None:
+            missing.append(_where(patch))
+            continue
+        missing += [f"{_where(patch)}.{name}" for name in (patch.attribute, *patch.uses) if not _has(owner, name)]
+    if missing:
+        raise RuntimeError(
+            f"mergekit-layerswap needs {', '.join(dict.fromkeys(missing))}, which this mergekit lacks; "
+            f"it was verified with mergekit {', '.join(VERIFIED_MERGEKIT_VERSIONS)}"
+        )
+
+
+_checked_version = []
+
+
+def check_version(found: Optional[str] = None) -> None:
+    """Warn when the installed mergekit is not one these rows were verified with."""
+    from importlib.metadata import version
+
+    found = found or version("mergekit")
+    if found not in VERIFIED_MERGEKIT_VERSIONS:
+        LOG.warning(
+            "mergekit-layerswap was verified with mergekit %s; found %s",
+            ", ".join(VERIFIED_MERGEKIT_VERSIONS),
+            found,
+        )
+
+
+def wrapper_of(patch: Patch):
+    module_name, _, function = patch.wrapper.partition(":")
+    return getattr(importlib.import_module(module_name), function)
+
+
+def on_load(module) -> None:
+    """Apply every row for ``module`` (called by the import hook once it executed)."""
+    if not _checked_version:
+        _checked_version.append(True)
+        check_version()
+    patches = [p for p in PATCHES if p.module == module.__name__]
+    check_present(module, patches)
+    for patch in patches:
+        wrap(owner_of(module, patch), patch.attribute, wrapper_of(patch))
+
+
+def in_place(patch: Patch) -> bool:
+    """Whether ``patch`` is applied (its module imported, the attribute replaced)."""
+    module = importlib.import_module(patch.module)
+    attribute = getattr(owner_of(module, patch), patch.attribute)
+    return getattr(attribute, "__layerswap_original__", None) is not None
