@@ -263,3 +263,44 @@ def test_zero_limits_are_refused(families, tmp_path, option):
     result = ws.sweep_with(f"perplexity:{ws.text}", "--grid", "bottom_layers=1", *option)
     assert result.exit_code == 2 and f"Invalid value for '{option[0]}'" in result.output.splitlines()[-1]
     assert not ws.out.exists()
+
+
+# ------------------------------------------------------------- experts identical to the base
+def _clone_world(families, tmp_path):
+    world = make_world(families, tmp_path)
+    shutil.copytree(world.model("base"), world.model("clone"))
+    return world
+
+
+def test_analyze_says_when_an_expert_is_the_base(families, tmp_path):
+    """An expert saved before training is analysed (every change 0) and named as such."""
+    from mergekit_layerswap.cli.main import main
+
+    world = _clone_world(families, tmp_path)
+    before = _digest(world.root)
+    out = tmp_path / "out"
+    args = ["analyze", "--base", world.model("base"), "--expert", world.model("clone"), "--expert", world.model("lang")]
+    result = CliRunner().invoke(main, [*args, "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert f"clone: no decoder layer differs from --base {world.model('base')}" in result.output
+    assert "lang: no decoder layer differs" not in result.output
+    with open(out / "stats.csv", newline="") as handle:
+        clone_rows = [r for r in csv.DictReader(handle) if r["expert"] == "clone"]
+    assert clone_rows and all(float(r["max_row_mav"]) == 0.0 for r in clone_rows)
+    assert _digest(world.root) == before
+
+
+@pytest.mark.parametrize("same", [["task"], ["task", "language"]])
+def test_suggest_names_the_expert_that_is_the_base(families, tmp_path, same):
+    from mergekit_layerswap.cli.main import main
+
+    world = _clone_world(families, tmp_path)
+    shutil.copytree(world.model("base"), world.model("clone2"))
+    models = {"task": world.model("task"), "language": world.model("lang")}
+    models.update({role: world.model("clone" if i == 0 else "clone2") for i, role in enumerate(same)})
+    before = _digest(world.root)
+    out = str(tmp_path / "recipe.yaml")
+    args = ["suggest", "--base", world.model("base"), "--task", models["task"], "--language", models["language"]]
+    result = CliRunner().invoke(main, [*args, "--out", out, "--quiet"])
+    words = [f"--{role} {models[role]}" for role in same] + ["does not" if len(same) == 1 else "do not"]
+    check_refusal(result, out, before, world, words)
