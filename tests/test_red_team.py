@@ -304,3 +304,41 @@ def test_suggest_names_the_expert_that_is_the_base(families, tmp_path, same):
     result = CliRunner().invoke(main, [*args, "--out", out, "--quiet"])
     words = [f"--{role} {models[role]}" for role in same] + ["does not" if len(same) == 1 else "do not"]
     check_refusal(result, out, before, world, words)
+
+
+# ------------------------------------------------------------------ environment variables
+FLAGS = ("MERGEKIT_LAYERSWAP_REPLACE_OUTPUT", "MERGEKIT_LAYERSWAP_NO_CACHE", "MERGEKIT_LAYERSWAP_READ_ALL")
+
+
+@pytest.mark.parametrize("value", ["2", "maybe", "y e s"])
+@pytest.mark.parametrize("name", FLAGS)
+def test_bad_on_off_environment_values_are_refused(families, tmp_path, monkeypatch, name, value):
+    """Any value but 1/true/yes/on or 0/false/no/off used to mean "off", silently."""
+    world = make_world(families, tmp_path)
+    write(world)
+    before = _digest(world.root)
+    monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    check_refusal(run_yaml_inprocess(world.recipe, out), out, before, world, (f"{name}={value!r}", "1 (on)"))
+
+
+@pytest.mark.parametrize("value", ["on", "ON", "off", "0", ""])
+def test_on_off_spellings_are_accepted(families, tmp_path, monkeypatch, value):
+    world = make_world(families, tmp_path)
+    write(world)
+    monkeypatch.setenv("MERGEKIT_LAYERSWAP_NO_CACHE", value)
+    result = run_yaml_inprocess(world.recipe, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("inside", ["task", "base"])
+def test_a_magnitude_cache_inside_an_input_is_refused(families, tmp_path, monkeypatch, inside):
+    """MERGEKIT_LAYERSWAP_CACHE pointing into a model used to add magnitude-*.json to that input."""
+    world = make_world(families, tmp_path)
+    world.text = RECIPE.replace("  top_layers: 1\n", "  top_layers: 1\n  weighting: magnitude\n")
+    write(world)
+    before = _digest(world.root)
+    monkeypatch.setenv("MERGEKIT_LAYERSWAP_CACHE", os.path.join(world.model(inside), "cache"))
+    out = tmp_path / "out"
+    words = ("MERGEKIT_LAYERSWAP_CACHE", f"model {world.model(inside)}", "a directory of its own")
+    check_refusal(run_yaml_inprocess(world.recipe, out), out, before, world, words)

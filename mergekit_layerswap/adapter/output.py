@@ -35,6 +35,7 @@ import shutil
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from mergekit_layerswap.core.environment import env_flag
 from mergekit_layerswap.core.errors import OutputError
 
 LOG = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ _FINAL_NAMES: Dict[str, str] = {}
 
 
 def replace_opted_in() -> bool:
-    return os.environ.get(REPLACE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return env_flag(REPLACE_ENV)
 
 
 def card_name(name: Optional[str]) -> Optional[str]:

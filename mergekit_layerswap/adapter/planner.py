@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Tuple
 from mergekit_layerswap.adapter import tensor_checks
 from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.environment import env_flag
 
 LOG = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def run_for(config) -> Optional[SwapRun]:
 
 
 def read_all() -> bool:
-    return os.environ.get("MERGEKIT_LAYERSWAP_READ_ALL", "").lower() in ("1", "true", "yes")
+    return env_flag("MERGEKIT_LAYERSWAP_READ_ALL")
 
 
 def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) -> None:
@@ -269,9 +270,12 @@ def _validating_architecture_info(original):
     def get_architecture_info(config, options):
         if not is_layer_swap(config):
             return original(config, options)
+        from mergekit_layerswap.adapter.magnitude import cache_enabled
+        from mergekit_layerswap.adapter.output import replace_opted_in
         from mergekit_layerswap.adapter.readahead import window_bytes
 
-        window_bytes()  # a bad MERGEKIT_LAYERSWAP_READAHEAD_MB is refused before anything is written
+        # a bad MERGEKIT_LAYERSWAP_* value is refused before anything is read or written
+        window_bytes(), read_all(), cache_enabled(), replace_opted_in()
         run = prepare(config, options.trust_remote_code)  # weight files too, before mergekit's loader opens them
         return run.info.arch_info
 
