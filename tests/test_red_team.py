@@ -11,12 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import run_yaml_inprocess
+from helpers import assert_one_line_error, run_yaml_inprocess
 from safetensors.torch import load_file, save_file
 from test_bad_inputs import RECIPE, _digest, check_refusal, make_world, write
 from test_sweep_trust import Workspace
@@ -390,3 +391,160 @@ def test_a_damaged_build_marker_rebuilds_instead_of_a_traceback(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x")
     (tmp_path / MARKER).write_text('{"steps": 2')
     assert _is_built(str(tmp_path), {"steps": 2}) is False
+
+
+# ------------------------------------------------- mergekit options and targets with layer_swap
+def _tensors(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if name.endswith(".safetensors"):
+            out.update(load_file(path))
+        elif name.endswith(".bin"):
+            out.update(torch.load(path, weights_only=True))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(families, tmp_path_factory):
+    """The matrix recipe merged with mergekit-yaml's defaults, and its inputs."""
+    root = tmp_path_factory.mktemp("reference")
+    world = make_world(families, root)
+    write(world)
+    result = run_yaml_inprocess(world.recipe, root / "out")
+    assert result.exit_code == 0, result.output
+    return world, _tensors(str(root / "out"))
+
+
+SAME_TENSORS = [
+    ["--no-safe-serialization"],
+    ["--out-shard-size", "100K"],
+    ["--async-write", "--write-threads", "2"],
+    ["--lazy-unpickle"],
+    ["--clone-tensors"],
+    ["--low-cpu-memory"],
+    ["--no-copy-tokenizer", "--no-write-model-card"],
+    ["--random-seed", "7", "-j", "1"],
+    ["--allow-crimes", "--unsafe-truncate-embeddings"],
+]
+
+
+@pytest.mark.parametrize("options", SAME_TENSORS, ids=[" ".join(o) for o in SAME_TENSORS])
+def test_mergekit_options_give_the_same_tensors(reference, tmp_path, options):
+    world, expected = reference
+    before = _digest(world.root)
+    result = run_yaml_inprocess(world.recipe, tmp_path / "out", *options)
+    assert result.exit_code == 0, result.output
+    got = _tensors(str(tmp_path / "out"))
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert _digest(world.root) == before and not [n for n in os.listdir(tmp_path) if "layerswap" in n]
+
+
+@pytest.mark.parametrize(
+    "options,words",
+    [(["-j", "0"], ("-j/--num-threads is 0",)), (["-j", "-2"], ("-j/--num-threads is -2",))],
+    ids=["-j 0", "-j -2"],
+)
+def test_bad_mergekit_options_are_one_line(reference, tmp_path, options, words):
+    """torch.set_num_threads(0) used to end mergekit-yaml with a RuntimeError traceback."""
+    world, _ = reference
+    before = _digest(world.root)
+    out = tmp_path / "out"
+    check_refusal(run_yaml_inprocess(world.recipe, out, *options), out, before, world, words)
+
+
+def test_an_empty_output_path_is_refused(reference, tmp_path, monkeypatch):
+    """'' resolved to the current directory (refused there only when it held other files)."""
+    world, _ = reference
+    monkeypatch.chdir(tmp_path)
+    before = _digest(world.root)
+    from click.testing import CliRunner as Runner
+    from mergekit.scripts.run_yaml import main
+
+    result = Runner().invoke(main, [world.recipe, "", "--quiet"])
+    check_refusal(result, str(tmp_path / "nothing"), before, world, ("output path is empty",))
+    assert os.listdir(tmp_path) == []
+
+
+def _link(tmp_path, name, target):
+    os.symlink(target, tmp_path / name)
+    return tmp_path / name
+
+
+TARGETS = [
+    ("a symlink to a directory", lambda t: _link(t, "link", t.joinpath("real").mkdir() or t / "real"), None),
+    ("a dangling symlink", lambda t: _link(t, "dangling", t / "nowhere"), None),
+    ("on tmpfs (/dev/shm)", lambda t: _link(t, "shm", tempfile.mkdtemp(dir="/dev/shm")) / "out", None),
+    (
+        "a symlink to a file",
+        lambda t: _link(t, "lf", t.joinpath("f").write_text("keep") and t / "f"),
+        "not a directory",
+    ),
+    ("a symlink loop", lambda t: _link(t, "loop", t / "loop"), "not a directory"),
+    ("the tmpfs mount /dev/shm", lambda t: "/dev/shm", "mount point"),
+    ("under a file", lambda t: t.joinpath("f").write_text("keep") and t / "f" / "sub", "cannot write"),
+]
+
+
+@pytest.mark.parametrize("make,refusal", [c[1:] for c in TARGETS], ids=[c[0] for c in TARGETS])
+def test_unusual_targets(reference, tmp_path, make, refusal):
+    """The merge lands complete where the path leads (the symlink itself is kept), or is
+    refused in one line; nothing else changes."""
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    world, expected = reference
+    target = make(tmp_path)
+    before = _digest(world.root)
+    around = sorted(os.listdir(tmp_path))
+    result = run_yaml_inprocess(world.recipe, target)
+    try:
+        if refusal is None:
+            assert result.exit_code == 0, result.output
+            got = _tensors(os.path.realpath(target))
+            assert all(torch.equal(got[k], expected[k]) for k in expected) and sorted(got) == sorted(expected)
+        else:
+            message = assert_one_line_error(result, refusal)
+            assert "Traceback" not in message
+        real = os.path.realpath(target)
+        made = {os.path.basename(real)} if refusal is None and os.path.dirname(real) == str(tmp_path) else set()
+        assert set(os.listdir(tmp_path)) == set(around) | made and _digest(world.root) == before
+        parent = os.path.dirname(os.path.realpath(target))
+        assert not os.path.isdir(parent) or not [n for n in os.listdir(parent) if "layerswap-" in n]
+    finally:
+        real = os.path.realpath(target)
+        if real.startswith("/dev/shm/") and os.path.exists(real):
+            shutil.rmtree(os.path.dirname(real) if real.endswith("/out") else real, ignore_errors=True)
+
+
+def test_concurrent_merges_into_one_target(reference, tmp_path):
+    """Three real mergekit-yaml processes into one (absent) target, two recipes: every run
+    ends with exit 0 or one Error: line, and the target is one complete merge."""
+    world, expected = reference
+    other = os.path.join(world.root, "other.yaml")
+    with open(world.recipe) as handle:
+        text = handle.read()
+    with open(other, "w") as handle:
+        handle.write(text.replace("bottom_layers: 2", "bottom_layers: 3"))
+    before = _digest(world.root)
+    exe = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    out = tmp_path / "out"
+    runs = [
+        subprocess.Popen([exe, recipe, str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for recipe in (world.recipe, other, world.recipe)
+    ]
+    results = [(run.wait(timeout=600), run.communicate()[1]) for run in runs]
+    for code, stderr in results:
+        errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+        assert code == 0 or (len(errors) == 1 and "Traceback" not in stderr), stderr
+    got = _tensors(str(out))
+    three = _tensors_of_recipe(other, tmp_path / "three")
+    assert any(
+        sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in want) for want in (expected, three)
+    )
+    assert _digest(world.root) == before and sorted(os.listdir(tmp_path)) == ["out", "three"]
+
+
+def _tensors_of_recipe(recipe, out):
+    result = run_yaml_inprocess(recipe, out)
+    assert result.exit_code == 0, result.output
+    return _tensors(str(out))
