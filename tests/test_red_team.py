@@ -424,7 +424,7 @@ SAME_TENSORS = [
     ["--clone-tensors"],
     ["--low-cpu-memory"],
     ["--no-copy-tokenizer", "--no-write-model-card"],
-    ["--random-seed", "7", "-j", "1"],
+    ["--random-seed", "7"],  # (-j N calls torch.set_num_interop_threads: only once per process)
     ["--allow-crimes", "--unsafe-truncate-embeddings"],
 ]
 

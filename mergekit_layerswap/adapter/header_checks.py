@@ -71,7 +71,7 @@ def _read_config(model, trust_remote_code: bool):
         raise RecipeError(f"cannot read config.json of {model}: {first_line}") from None
 
 
-def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsInfo:
+def read_models(recipe: SwapRecipe, trust_remote_code: bool = False, check_files: bool = True) -> ModelsInfo:
     """Read every model's config.json and check they can be layer-swapped, then check their
     weight files (``check_model_files``): every command that reads a model (a merge,
     ``explain``, ``analyze``, ``suggest``, ``sweep``) comes through here before mergekit's
@@ -126,7 +126,8 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
         )
     num_layers = counts[first]
     check_zone_fit(recipe.zones, num_layers)
-    check_model_files(recipe)
+    if check_files:
+        check_model_files(recipe)
     return ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
 
 

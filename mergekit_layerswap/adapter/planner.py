@@ -63,14 +63,15 @@ def parse(config):
     return parse_recipe(config, check_blend)
 
 
-def prepare(config, trust_remote_code: bool = False) -> SwapRun:
-    """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
+def prepare(config, trust_remote_code: bool = False, check_files: bool = True) -> SwapRun:
+    """Validate a layer_swap MergeConfiguration from the recipe, the config.json files and
+    (unless ``check_files`` is False: configs without weights) the weight files' headers."""
     from mergekit_layerswap.adapter.header_checks import read_models
     from mergekit_layerswap.adapter.recipe_text_schema import check_dtypes
 
     recipe = parse(config)
     check_dtypes(config)
-    run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code))
+    run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code, check_files))
     _RUNS[id(config)] = (config, run)
     return run
 
