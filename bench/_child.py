@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """One timed job of bench/bench.py, run as its own process by the bench's interpreter.
 
     python bench/_child.py merge REPORT.json <mergekit-yaml arguments...>

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# SPDX-License-Identifier: LGPL-3.0-only
 """Merge time of the default layer_swap recipe with this checkout against an older
 commit of the package, side by side in one run (issue 14: measure a change, not a day).
 

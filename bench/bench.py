@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# SPDX-License-Identifier: LGPL-3.0-only
 """Benchmark layer_swap against what users do today (issues 5 and 14). Not a test.
 
     python bench/bench.py --shape 1b --repeats 3          # generates bench/data/1b once

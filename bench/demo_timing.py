@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# SPDX-License-Identifier: LGPL-3.0-only
 """Time the README's first command, `mergekit-layerswap demo`: a first run and a rerun. Not a test.
 
     python bench/demo_timing.py                                   # fresh temporary --root, deleted after

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# SPDX-License-Identifier: LGPL-3.0-only
 """Which input tensors are in the page cache: run after a job of bench.py to see where
 bytes read beyond "needed" come from (mincore(2) on each safetensors file).
 

@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# SPDX-License-Identifier: LGPL-3.0-only
 """Sweep throughput in candidates per hour: serial vs ``--ray`` with two CPU workers vs
 successive halving (issue 13). Not a test.
 

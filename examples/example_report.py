@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Write the example's results: results.csv, results.json and the plot."""
 
 from __future__ import annotations

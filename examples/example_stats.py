@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Confidence intervals for the example: accuracy (Wilson) and per-problem means (normal).
 
 All variants are scored on the same problems, so a difference between two variants is

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The paper's pipeline end to end at small scale: Swahili math by layer swapping.
 
 Builds (or reuses) the demo's SmolLM2-135M base, English-math expert and Swahili expert,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """mergekit-layerswap: layer swapping (Bandarkar et al., ICLR 2025) as a mergekit merge method.
 
 Importing this package is cheap: ``adapter.registration.install()`` sets up an import

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Small seeded checkpoints of real architectures, written with torch and safetensors.
 
 A base model's tensors are drawn from a seeded ``torch.Generator`` (in name order, so

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Expected outputs, computed by the tests from the input files alone.
 
 Each test writes out the expected source of every decoder layer itself

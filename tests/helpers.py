@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Helpers shared by the tests: checkpoint families, recipes, merges through the real
 ``mergekit-yaml`` and the one-line refusal every bad input must get."""
 

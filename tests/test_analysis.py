@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap analyze`` / ``suggest`` on small experts with planted changes.
 
 The language expert moved only in its bottom 3 and top 1 layers (and its embeddings),

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The bad-input matrix: every case is one line (name, what is broken, words the error must hold).
 
 Each case copies a small real family (base, task, lang) into its own directory, applies

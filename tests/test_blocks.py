@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Elementwise blends run block by block of rows (bounded float32 memory) and give the
 same bits as the whole-tensor computation they replace."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """layer_swap composed with mergekit's other features: role soups, linear transitions,
 other blend methods, LoRA experts, mergekit-multi stages."""
 

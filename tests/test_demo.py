@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The offline demo's parts: template data, the fine-tune step, the command's argument checks.
 
 The full SmolLM2 demo is not run here (minutes of CPU); see docs/demo.md."""

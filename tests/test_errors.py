@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Every bad recipe: one `Error:` line naming the parameter, non-zero exit, nothing written."""
 
 import os

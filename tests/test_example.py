@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The statistics behind docs/example.md (no models needed)."""
 
 import math

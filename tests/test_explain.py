@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """mergekit-layerswap explain: the same validation as a merge, a per-layer table, bytes to read."""
 
 import json

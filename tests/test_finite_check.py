@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The finiteness check on averaged tensors sums blocks of rows (cheap, no full-size mask)
 and falls back to an exact test where a block's sum is not finite: a NaN or inf anywhere
 is found, and large finite values whose sum overflows are not mistaken for one."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Golden outputs: a digest of every file a handful of representative merges write.
 
 Each case below is a recipe built with the suite's own helpers and merged in-process

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Algorithm 1 and the mixing shares, as tables written out by hand (no model files)."""
 
 from fractions import Fraction

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """layer_swap merges through mergekit-yaml's own command, checked tensor by tensor."""
 
 import json

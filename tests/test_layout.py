@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The package's shape: imports point downward only, no cycle, core is pure Python and
 only cli/ knows click. Checked on the source (every import, also inside functions, and
 every module named in a string: given to ``import_module`` or written as
@@ -124,6 +125,18 @@ def test_core_imports_only_the_standard_library_and_yaml(module):
         assert top in sys.stdlib_module_names or top in allowed_third_party, f"{module} imports {name}"
 
 
+def test_only_adapter_imports_mergekit():
+    """What the package uses of mergekit is in adapter/ (mergekit_parts.py for tools/ and cli/)."""
+    offenders = [
+        f"{m} imports {name}"
+        for m, p in MODULES.items()
+        if _rank(m) != 1 or m.split(".")[1] != "adapter"
+        for name in _imports(m, p)
+        if name.split(".")[0] == "mergekit"
+    ]
+    assert not offenders, offenders
+
+
 def test_only_cli_imports_click():
     offenders = [
         m for m, p in MODULES.items() if _rank(m) != 3 for name in _imports(m, p) if name.split(".")[0] == "click"
@@ -140,3 +153,27 @@ def test_core_loads_without_torch_mergekit_or_click():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_every_source_file_names_its_license():
+    """An SPDX line in the first two lines (after a shebang) of every source file."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sources = [os.path.join(root, "mergekit_layerswap.pth")]
+    for top in ("mergekit_layerswap", "tests", "bench", "examples", "docs", ".ci"):
+        for folder, dirs, files in os.walk(os.path.join(root, top)):
+            dirs[:] = [d for d in dirs if d not in ("__pycache__", "data", "results")]
+            sources += [os.path.join(folder, f) for f in files if f.endswith(".py") or top == ".ci"]
+    missing = []
+    for path in sources:
+        with open(path, encoding="utf-8") as handle:
+            head = [handle.readline(), handle.readline()]
+        if not any(line.startswith("# SPDX-License-Identifier: LGPL-3.0-only") for line in head):
+            missing.append(os.path.relpath(path, root))
+    assert len(sources) > 100 and not missing, missing
+
+
+def test_the_architecture_document_names_every_module():
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "architecture.md"), encoding="utf-8") as handle:
+        text = handle.read()
+    stems = {m.rpartition(".")[2] for m in MODULES if m.count(".") == 2}
+    assert not [s for s in sorted(stems) if not re.search(rf"\b{s}\b", text)]

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The magnitude statistic cannot lie: a changed weight file is measured again, a bad
 cache entry is recomputed, an unwritable cache only warns, a NaN or inf is refused; and
 the base is read once for all experts."""

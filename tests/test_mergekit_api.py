@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Fails loudly when the mergekit internals adapter/adaptation.py adapts move.
 
 Exercises them, not only version strings: a real plan is built with mergekit's
@@ -127,3 +128,25 @@ def test_planner_reads_only_the_experts_each_tensor_needs(families, tmp_path):
     executor.execute()
     merged, lang = load_tensors(str(tmp_path / "out")), load_tensors(fam.lang)
     assert torch.equal(merged["model.layers.0.mlp.up_proj.weight"], lang["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_the_gradient_position_is_the_one_mergekits_planner_gives(families, tmp_path, monkeypatch):
+    """tools/assemble.py resolves gradient weights at mergekit_parts.gradient_t; a real
+    plan must hand every tensor the same t."""
+    import mergekit.plan
+
+    from mergekit_layerswap.adapter.mergekit_parts import gradient_t
+
+    fam = families("qwen2")  # 6 layers
+    seen = {}
+    planned = mergekit.plan.MergePlanner.plan_tensor
+
+    def recording(self, weight, weights_in, models, cfg_reader):
+        seen[weight.name] = (self._layer_swap_layer, cfg_reader.t)
+        return planned(self, weight, weights_in, models, cfg_reader)
+
+    monkeypatch.setattr(mergekit.plan.MergePlanner, "plan_tensor", recording)
+    _plan(swap_recipe(fam, bottom_layers=1, top_layers=1), str(tmp_path / "out"))
+    assert len(seen) > 6 * 9 and {layer for layer, _ in seen.values()} == {None, 0, 1, 2, 3, 4, 5}
+    expected = {name: gradient_t(layer, 6) for name, (layer, _) in seen.items()}
+    assert {name: t for name, (_, t) in seen.items()} == expected

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """MGSM-format data offline, and the real lm-evaluation-harness on a model in memory.
 
 How a random tiny model gets one answer right and one wrong, deterministically: the test

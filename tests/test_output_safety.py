@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Nothing lost: a layer_swap merge never writes into, over or inside an input, never leaves
 a half-written output, and replaces an earlier merge only as a whole (adapter/output.py).
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """One source of truth per recipe parameter: the table in core/parameters.py, the kernel's
 typed signature (which mergekit turns into the method's spec) and the README must agree."""
 

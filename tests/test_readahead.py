@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Reading ahead and early writeback (issue 14): a background thread warms exactly the
 byte ranges a merge or the magnitude pass will read, in their order, a bounded distance
 ahead; finished shards go to the kernel's writeback at once. Neither may change a byte of

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The shipped recipes under recipes/ parse, validate and say what the paper says.
 
 Nothing is downloaded: every model id of a layer_swap recipe is pointed at a local

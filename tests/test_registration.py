@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Installed as a user installs it: plain mergekit entry points find layer_swap."""
 
 import os

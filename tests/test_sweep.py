@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """mergekit-layerswap sweep: every grid point once, baselines, resumable, best.yaml exact."""
 
 import csv

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """sweep --strategy halving: exact evaluation counts per rung, the full-set best survives
 when its lead holds on the slices, resume mid-schedule, schedule arithmetic."""
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """sweep --ray on a real local Ray cluster (two CPU workers, one torch thread each): the
 same scores, best.yaml and fingerprint as the serial sweep, and it resumes a serial one."""
 

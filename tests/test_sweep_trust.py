@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Sweep trust (issue 12): a resume with changed inputs is refused in one line naming what
 changed (and --restart starts over); eval files with no usable problem are refused before
 any candidate is built; a non-finite score is a failure, never the best."""

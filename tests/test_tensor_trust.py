@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Tensors the swap must not trust: non-finite values in averages, integer tensors,
 and merges through mergekit's Python API, which runs the kernel without our planner.
 

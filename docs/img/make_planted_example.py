@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Regenerate the example figures of docs/analysis.md from small planted-delta models.
 
     python docs/img/make_planted_example.py

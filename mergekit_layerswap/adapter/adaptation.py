@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Every adaptation of mergekit internals, one row each (verified: mergekit 0.1.5).
 
 mergekit 0.1.5 gives a merge method the output tensor and its inputs, nothing about
@@ -23,29 +24,34 @@ allows exactly that one.
 from __future__ import annotations
 
 import importlib
-import logging
-from dataclasses import dataclass
-from typing import Optional, Tuple
 
 from mergekit_layerswap.adapter.hooks import wrap
 
-LOG = logging.getLogger(__name__)
+# (read at interpreter start by registration.py: no dataclasses, typing or logging here,
+# which would cost every Python start milliseconds; see hooks.py)
 VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
 PLANNER = "mergekit_layerswap.adapter.planner"
 SCRIPTS = "mergekit_layerswap.cli.mergekit_scripts"
 
 
-@dataclass(frozen=True)
 class Patch:
-    part: str  # the part of mergekit it adapts
-    module: str  # the mergekit module whose attribute is replaced
-    owner: str  # "" for the module itself, else the name of a class or object in it
-    attribute: str
-    wrapper: str  # "package.module:function", called with the original, returns the replacement
-    uses: Tuple[str, ...] = ()  # other attributes (or pydantic fields) of the owner the wrapper relies on
+    """One replaced mergekit function (a row of ``PATCHES``)."""
+
+    __slots__ = ("part", "module", "owner", "attribute", "wrapper", "uses")
+
+    def __init__(self, part: str, module: str, owner: str, attribute: str, wrapper: str, uses: tuple = ()):
+        self.part = part  # the part of mergekit it adapts
+        self.module = module  # the mergekit module whose attribute is replaced
+        self.owner = owner  # "" for the module itself, else the name of a class or object in it
+        self.attribute = attribute
+        self.wrapper = wrapper  # "package.module:function", called with the original, returns the replacement
+        self.uses = uses  # other attributes (or pydantic fields) of the owner the wrapper relies on
+
+    def __repr__(self) -> str:
+        return f"Patch({self.module}.{self.owner + '.' if self.owner else ''}{self.attribute} <- {self.wrapper})"
 
 
-PATCHES: Tuple[Patch, ...] = (
+PATCHES: tuple[Patch, ...] = (
     # the recipe is validated (structure, configs, layer counts, weight file headers) first
     # thing in run_merge, before any download, LoRA merge or output file
     Patch("merge", "mergekit.merge", "", "get_architecture_info", f"{PLANNER}:_validating_architecture_info"),
@@ -87,7 +93,7 @@ PATCHES: Tuple[Patch, ...] = (
     Patch("click", "mergekit.scripts.multimerge", "main", "callback", f"{SCRIPTS}:translating_multimerge"),
 )
 
-MODULES: Tuple[str, ...] = tuple(dict.fromkeys(p.module for p in PATCHES))
+MODULES: tuple[str, ...] = tuple(dict.fromkeys(p.module for p in PATCHES))
 
 
 def owner_of(module, patch: Patch):
@@ -121,13 +127,14 @@ def check_present(module, patches) -> None:
 _checked_version = []
 
 
-def check_version(found: Optional[str] = None) -> None:
+def check_version(found: str | None = None) -> None:
     """Warn when the installed mergekit is not one these rows were verified with."""
+    import logging
     from importlib.metadata import version
 
     found = found or version("mergekit")
     if found not in VERIFIED_MERGEKIT_VERSIONS:
-        LOG.warning(
+        logging.getLogger(__name__).warning(
             "mergekit-layerswap was verified with mergekit %s; found %s",
             ", ".join(VERIFIED_MERGEKIT_VERSIONS),
             found,

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``blend_method``: another registered mergekit method combines the two role soups in
 transition layers and averaged non-layer tensors (instead of the paper's weighted average).
 

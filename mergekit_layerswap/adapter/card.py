@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The output's README.md: what was swapped, from where, with which weights."""
 
 from __future__ import annotations

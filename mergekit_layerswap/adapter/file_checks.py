@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 3, the files: the models' weight files on disk, checked before mergekit
 opens them (verified: mergekit 0.1.5).
 

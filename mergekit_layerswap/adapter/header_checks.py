@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 3, the files: what the models' configs (architecture, layer count)
 and their tensor headers (names, shapes, tying) say. Both run before any output file
 exists; the weight files themselves are checked by ``file_checks.py``.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Run a callback right after a named module is first imported (standard library only).
 
 One ``sys.meta_path`` finder waits for the modules named in ``registration.WATCHED``

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``layer_swap`` through mergekit's in-memory API (``mergekit.merge_methods.api``:
 ``merge_state_dicts``, ``merge_tensors``), which calls the method without the planner.
 

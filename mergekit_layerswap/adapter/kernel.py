@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The ``layer_swap`` merge method: one kernel, the recipe's parameters as its arguments.
 
 The planner adapter (``planner.py``) adds two values mergekit's kernel interface

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Magnitude statistics: how far an expert moved from its base, in one streaming pass.
 
 For every floating-point 1-D or 2-D tensor the expert's checkpoint stores (each stored

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The paper's weighted average of role soups, in float32 or wider (torch only).
 
 Shared by the kernel (``blend_method: average``) and ``blend.py`` (role soups before

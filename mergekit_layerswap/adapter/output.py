@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Where a ``layer_swap`` merge writes, and how (verified: mergekit 0.1.5).
 
 mergekit writes straight into the output directory, over whatever is there: into an

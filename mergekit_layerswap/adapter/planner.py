@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The wrappers that adapt mergekit's merge, planner, executor, writer, card and
 mergekit-multi for ``layer_swap`` (verified: mergekit 0.1.5).
 

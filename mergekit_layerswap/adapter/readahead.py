@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Read a merge's input bytes a bounded distance ahead of it, on a background thread.
 
 mergekit's loader maps each safetensors shard and reads a tensor only when the merge first

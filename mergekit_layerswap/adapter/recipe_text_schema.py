@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 1, the recipe text, against mergekit's recipe schema (verified: mergekit
 0.1.5).
 

@@ -1,10 +1,13 @@
-"""The one place that connects this package to mergekit (verified: mergekit 0.1.5).
+# SPDX-License-Identifier: LGPL-3.0-only
+"""How this package connects to mergekit at import time (verified: mergekit 0.1.5).
 
 mergekit 0.1.5 has a method registry but no plugin entry point. The installed
 ``mergekit_layerswap.pth`` imports this package at interpreter start, which calls
 ``install()``: a post-import hook (``hooks.py``) then hands each module in ``WATCHED``,
-right after it executes, to the function named for it. Nothing here imports torch or
-mergekit, so an interpreter that never uses mergekit pays only for the hook (~3 ms).
+right after it executes, to the function named for it: the registry gets the method,
+and every module of the adaptation table (``adaptation.py``) gets its rows applied.
+Nothing here imports torch or mergekit, so an interpreter that never uses mergekit pays
+only for the hook (~3 ms).
 """
 
 from __future__ import annotations

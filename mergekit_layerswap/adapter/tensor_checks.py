@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 4, the tensors: what the ``layer_swap`` kernel refuses rather than
 computing a silently wrong tensor.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap analyze`` and ``suggest``: thin click commands over
 ``analysis``, ``heatmap`` and ``suggest``. Every input is checked before a model is
 streamed, and nothing is written until all statistics are computed."""
@@ -20,12 +21,12 @@ class ModelType(click.ParamType):
     name = "MODEL"
 
     def convert(self, value, param, ctx):
-        from mergekit.common import ModelReference
+        from mergekit_layerswap.adapter.mergekit_parts import parse_model_reference
 
         if not isinstance(value, str):
             return value
         try:
-            model = ModelReference.parse(value)
+            model = parse_model_reference(value)
         except Exception as error:
             self.fail(f"{value!r} is not a model reference ({error}); give a directory or a hub id", param, ctx)
         if model.lora is not None:

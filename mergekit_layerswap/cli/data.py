@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap data``: problem sets made offline for sweeps and lm-eval."""
 
 from __future__ import annotations

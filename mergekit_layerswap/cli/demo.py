@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap demo``: build two small real experts offline and layer-swap them."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap explain``: validate a recipe and show where every layer comes from."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap``: thin click commands over the library.
 
 Each subcommand lives in its own module and is imported only when it runs, so

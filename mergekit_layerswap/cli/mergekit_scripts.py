@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """mergekit's own commands (``mergekit-yaml``, ``mergekit-multi``) with layer_swap recipes:
 this package's errors reach the user as one ``Error:`` line, exit status 1, no traceback.
 

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Options several commands share."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap sweep``: a thin command over ``sweep.run_sweep``."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Layer swapping itself: Algorithm 1, the recipe's parameters, recipe parsing and errors.
 
 Pure Python (no torch, no mergekit, no click), so recipes are explained and checked

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The package's own errors. Every one of them is a problem with what the user gave
 (a recipe, an option, a file), reported as one line that says what is wrong and how to
 fix it. Only ``cli/`` turns them into click errors; library code never imports click.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Two small file-system rules used across the package (standard library only)."""
 
 from __future__ import annotations

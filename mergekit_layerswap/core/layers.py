@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Algorithm 1 of the layer-swapping paper: where each decoder layer comes from.
 
 Pure Python, no torch or mergekit, so recipes can be explained and checked cheaply.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The recipe's parameters: the one place each is defined.
 
 Name, where it goes, its allowed values, its default and its help text live here.

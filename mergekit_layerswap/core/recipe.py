@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 2, the recipe values: read a ``layer_swap`` recipe (a parsed mergekit
 ``MergeConfiguration``) and refuse bad ones with one line that names the parameter and
 the fix.

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 1, the recipe text: a ``layer_swap`` recipe's YAML before mergekit's
 schema reads it.
 

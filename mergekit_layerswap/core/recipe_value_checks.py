@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Validation stage 2, the recipe values: expert weights a merge can actually use.
 
 Weights are relative (each output tensor is ``sum(w_i * t_i) / sum(w_i)``), but the kernel

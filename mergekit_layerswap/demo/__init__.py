@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The offline demo: two real small experts of SmolLM2-135M-Instruct, layer-swapped.
 
 ``mergekit-layerswap demo`` builds (once, cached under ``./.demo``) a float32 base

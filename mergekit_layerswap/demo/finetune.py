@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """A short fine-tune on CPU: plain torch loop, AdamW, fixed seed.
 
 The experts must stay close to their base (the paper fine-tuned with very small

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Run the demo recipe through mergekit's own ``mergekit-yaml`` console script.
 
 The recipe names its models ``.demo/base`` etc. The demo writes a copy next to the

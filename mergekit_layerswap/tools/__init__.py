@@ -1,1 +1,2 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """tools"""

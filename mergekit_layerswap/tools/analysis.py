@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Where did each expert change? Per-tensor row statistics against the base (paper §3.2).
 
 For every floating-point 1-D or 2-D tensor an expert stores, the row value is
@@ -237,13 +238,13 @@ def _finite_rows(values: np.ndarray, model, base, tensor: str) -> np.ndarray:
     if np.all(np.isfinite(values)):
         return values
     import torch
-    from mergekit.io.tasks import LoaderCache
 
+    from mergekit_layerswap.adapter.mergekit_parts import loader
     from mergekit_layerswap.core.errors import RecipeError
 
     culprit = f"expert {model} or base {base}"  # (the difference overflowed)
     for candidate, label in ((model, "expert"), (base, "base")):
-        if not bool(torch.isfinite(LoaderCache().get(candidate).get_tensor(tensor)).all()):
+        if not bool(torch.isfinite(loader(candidate).get_tensor(tensor)).all()):
             culprit = f"{label} {candidate}"
             break
     raise RecipeError(

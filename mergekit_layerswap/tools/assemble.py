@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Build a layer-swapped state dict in memory from experts already loaded.
 
 A sweep loads each expert's tensors once and then assembles many candidates, each a
@@ -15,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from mergekit_layerswap.adapter import mergekit_parts
 from mergekit_layerswap.adapter.header_checks import find_stored
 from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 
@@ -32,17 +34,13 @@ def output_weights(run) -> List[Tuple[Any, Optional[int]]]:
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    from mergekit.common import dtype_from_name
-
-    return dtype_from_name(name)
+    return mergekit_parts.dtype_from_name(name)
 
 
 class LoadedExperts:
     """Every tensor of every expert (and of the base when a blend method needs it)."""
 
     def __init__(self, run, dtype: Optional[str] = None, device: str = "cpu"):
-        from mergekit.io.tasks import LoaderCache
-
         self.run = run
         self.dtype = _dtype(dtype)
         models = list(run.recipe.models)
@@ -50,7 +48,7 @@ class LoadedExperts:
             models.append(run.recipe.base_model)
         self.tensors: Dict[Any, Dict[str, torch.Tensor]] = {}
         for model in models:
-            loader = LoaderCache().get(model)
+            loader = mergekit_parts.loader(model)
             stored = loader.index.tensor_paths
             own: Dict[str, torch.Tensor] = {}
             for weight, _layer in output_weights(run):
@@ -65,22 +63,12 @@ class LoadedExperts:
             self.tensors[model] = own
 
     def stores(self, model, weight) -> bool:
-        from mergekit.io.tasks import LoaderCache
-
-        return find_stored(weight, LoaderCache().get(model).index.tensor_paths, with_tied=False) is not None
-
-
-def _setting(setting, name: str, t: float) -> float:
-    from mergekit.config import evaluate_setting
-
-    return float(evaluate_setting(name, setting, t, validate=float))
+        return find_stored(weight, mergekit_parts.loader(model).index.tensor_paths, with_tied=False) is not None
 
 
 def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (tensor name, merged tensor) for the recipe in ``run`` (zones may be replaced
     with ``dataclasses.replace(run.recipe, ...)`` between calls)."""
-    from mergekit.merge_methods.base import TensorEntry, TensorGroup, TensorMetadata
-
     from mergekit_layerswap.adapter.registration import ensure_registered
 
     method = ensure_registered()
@@ -89,19 +77,17 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
     for weight, layer in output_weights(run):
         if weight.optional and not any(experts.stores(e.model, weight) for e in recipe.experts):
             continue  # an untied lm_head no expert stores: the output stays tied
-        t = (layer / (info.num_layers - 1) if info.num_layers > 1 else 1.0) if layer is not None else 0.0
+        t = mergekit_parts.gradient_t(layer, info.num_layers)
         entries, roles, weights, magnitudes = [], {}, {}, {}
         for expert in recipe.experts:
             key = str(expert.model)
-            entries.append(TensorEntry(id=key, tensor=experts.tensors[expert.model][weight.name]))
+            entries.append((key, experts.tensors[expert.model][weight.name], False))
             roles[key] = expert.role
-            weights[key] = _setting(expert.weight, weight.name, t)
+            weights[key] = mergekit_parts.setting_at(expert.weight, weight.name, t)
             stat = run.magnitudes.get(expert.model)
             magnitudes[key] = stat.mean_row_mav if stat is not None else 1.0
         if recipe.base_model in experts.tensors:
-            entries.append(
-                TensorEntry(id=BASE_ID, tensor=experts.tensors[recipe.base_model][weight.name], is_base=True)
-            )
+            entries.append((BASE_ID, experts.tensors[recipe.base_model][weight.name], True))
             roles[BASE_ID], weights[BASE_ID], magnitudes[BASE_ID] = None, 1.0, 1.0
         parameters = {
             "role": roles,
@@ -116,7 +102,7 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
             "layer_index": NON_LAYER if layer is None else layer,
             "num_layers": info.num_layers,
         }
-        group = TensorGroup(entries=tuple(entries), metadata=TensorMetadata.from_weight_info(weight))
+        group = mergekit_parts.tensor_group(entries, weight)
         (tensor,) = method((group,), parameters=parameters)
         if cast is not None and tensor.is_floating_point():  # integers keep their dtype
             tensor = tensor.to(cast)

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Evaluators for sweeps: score a loaded transformers model, offline or with lm-evaluation-harness.
 
 An evaluator spec is ``KIND:ARGUMENT``:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """``mergekit-layerswap explain``: a dry run that reads configs (and, for local models,
 safetensors headers), never tensors.
 

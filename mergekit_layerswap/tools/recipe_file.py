@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Read a recipe file into mergekit's ``MergeConfiguration``, refusing bad files in one line."""
 
 from __future__ import annotations

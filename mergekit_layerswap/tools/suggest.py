@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Propose zone sizes for a layer swap from where the two experts changed.
 
 Inputs: each expert's per-layer profile ``m[l]``, the mean row MAV against the base

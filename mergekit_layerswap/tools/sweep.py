@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Sweep swap configurations: assemble each candidate in memory, evaluate it, keep the best.
 
 Experts are loaded once (when they fit in memory) and magnitude statistics come from
@@ -223,10 +224,11 @@ def run_sweep(
 
 
 def _tokenizer(run):
-    from mergekit.io.tasks import LoaderCache
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(LoaderCache().get(run.recipe.donor).index.base_path)
+    from mergekit_layerswap.adapter.mergekit_parts import model_directory
+
+    return AutoTokenizer.from_pretrained(model_directory(run.recipe.donor))
 
 
 def _write_best_fingerprint(out_dir: str, name: str, swaps: Sequence[Candidate], backend) -> None:

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """A sweep's files: ``results.csv`` (appended per evaluation, so a sweep resumes),
 ``sweep.json`` (what the scores were computed from, so a directory is never mixed
 between sweeps), ``summary.json``, ``best.yaml`` and ``scores.png``."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """What a sweep's scores were computed from, so a resumed sweep never mixes old scores
 with new inputs, and the eval data checked before any candidate is built.
 
@@ -59,9 +60,9 @@ def sha256_file(path: str) -> str:
 
 def model_files(model) -> Dict[str, Any]:
     """Identity of every weight/config file of a mergekit ModelReference (local or Hub cache)."""
-    from mergekit.io.tasks import LoaderCache
+    from mergekit_layerswap.adapter.mergekit_parts import model_directory
 
-    base = LoaderCache().get(model).index.base_path
+    base = model_directory(model)
     files = {}
     for name in sorted(os.listdir(base)):
         full = os.path.join(base, name)

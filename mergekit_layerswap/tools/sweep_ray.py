@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Sweeps on a Ray cluster: one actor per GPU (or per N CPU cores), each a ``SweepWorker``
 that loads the experts once and assembles candidates in memory exactly as the serial
 sweep does. The driver hands each idle actor the next candidate and writes each score to

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """How a sweep spends its evaluations: the full grid on every item, or successive halving.
 
 Successive halving (Jamieson & Talwalkar, 2016) evaluates every candidate on the first

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """One sweep worker: builds candidates from experts loaded once and evaluates them.
 
 The serial sweep runs one in its own process; ``--ray`` runs one in each Ray actor
@@ -98,9 +99,9 @@ class SweepWorker:
         cwd: Optional[str] = None,
     ):
         import torch
-        from mergekit.io.tasks import LoaderCache
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from mergekit_layerswap.adapter.mergekit_parts import model_directory
         from mergekit_layerswap.adapter.planner import prepare
         from mergekit_layerswap.tools.assemble import LoadedExperts
         from mergekit_layerswap.tools.recipe_file import load_config
@@ -117,7 +118,7 @@ class SweepWorker:
         self.torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
             self.config.dtype or "", torch.float32
         )
-        donor_path = LoaderCache().get(run.recipe.donor).index.base_path
+        donor_path = model_directory(run.recipe.donor)
         self.tokenizer = AutoTokenizer.from_pretrained(donor_path)
         self.in_memory = experts_fit_in_memory(run)
         self.experts = LoadedExperts(run, dtype=self.config.dtype) if self.in_memory else None
@@ -150,9 +151,9 @@ class SweepWorker:
 
 def _merge_to_disk(run, config) -> Dict[str, Any]:
     """Streaming fallback: write the candidate with mergekit, read it back, delete it."""
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
     from safetensors.torch import load_file
+
+    from mergekit_layerswap.adapter.mergekit_parts import run_merge_quietly
 
     recipe = run.recipe
     data = {
@@ -171,15 +172,9 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
     }
     if recipe.base_model is not None:
         data["base_model"] = str(recipe.base_model)
-    from mergekit.config import MergeConfiguration
-
     out = tempfile.mkdtemp(prefix="layerswap-candidate-")
     try:
-        run_merge(
-            MergeConfiguration.model_validate(data),
-            out,
-            MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False),
-        )
+        run_merge_quietly(data, out)
         state = {}
         for name in sorted(os.listdir(out)):
             if name.endswith(".safetensors"):
