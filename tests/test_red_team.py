@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """Issue 20's red team: what a fresh user tried across the package's commands and options.
 Every case ends in one ``Error:`` line (or correct output), nothing half-written and every
 input byte-identical; the helpers are the bad-input matrix's own (``test_bad_inputs.py``)."""

@@ -1,3 +1,4 @@
+# SPDX-License-Identifier: LGPL-3.0-only
 """The package's on/off environment variables, read strictly: ``NAME=on`` that silently
 meant "off" would be a setting the user believes in and the package ignores."""
 
