@@ -12,6 +12,7 @@ not move when transformers changes its init.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 VOCAB = 96
 INIT_STD = 0.02  # the scale of a base model's matrices (transformers' usual initializer_range)
 
+_POSITIONS = {"max_position_embeddings": 64}
 _LAYERED = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
 
 # architecture -> (transformers config class, its arguments): every test checkpoint's shape
@@ -33,6 +35,63 @@ CONFIGS: Dict[str, tuple] = {
     "gemma2": ("Gemma2Config", {**_LAYERED, "head_dim": 8, "tie_word_embeddings": True}),
     "gpt2": ("GPT2Config", {"n_embd": 32, "n_layer": 6, "n_head": 4, "n_positions": 64, "tie_word_embeddings": True}),
     "phi3": ("Phi3Config", {**_LAYERED, "num_key_value_heads": 4, "pad_token_id": 0, "tie_word_embeddings": False}),
+    # mixture-of-experts, four routed experts each
+    "mixtral": (
+        "MixtralConfig",
+        {**_LAYERED, "intermediate_size": 24, "num_local_experts": 4, "num_experts_per_tok": 2}
+        | {"tie_word_embeddings": False},
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        {**_LAYERED, "head_dim": 8, "moe_intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2}
+        | {"decoder_sparse_step": 1, "mlp_only_layers": [], "tie_word_embeddings": False},
+    ),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        {**_LAYERED, "head_dim": 8, "moe_intermediate_size": 16, "n_routed_experts": 4, "n_shared_experts": 1}
+        | {"num_experts_per_tok": 2, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}
+        | {"tie_word_embeddings": False},
+    ),
+    # vision-language: a text decoder (text_config) and a small vision tower
+    "gemma3vl": (
+        "Gemma3Config",
+        {
+            "text_config": {**_LAYERED, "head_dim": 8, "vocab_size": VOCAB, **_POSITIONS},
+            # vision_use_head=False as in the published Gemma 3 checkpoints
+            "vision_config": {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2}
+            | {"num_attention_heads": 2, "image_size": 28, "patch_size": 14, "vision_use_head": False},
+            "mm_tokens_per_image": 4,
+            "boi_token_index": VOCAB - 3,
+            "eoi_token_index": VOCAB - 2,
+            "image_token_index": VOCAB - 1,
+            "tie_word_embeddings": True,
+        },
+    ),
+    "qwen2_5_vl": (
+        "Qwen2_5_VLConfig",
+        {
+            "text_config": {**_LAYERED, "vocab_size": VOCAB, **_POSITIONS, "bos_token_id": 1, "eos_token_id": 2}
+            | {"rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+            "vision_config": {"depth": 2, "hidden_size": 16, "intermediate_size": 24, "num_heads": 2}
+            | {"out_hidden_size": 32, "fullatt_block_indexes": [1], "window_size": 28, "patch_size": 14}
+            | {"spatial_merge_size": 2, "temporal_patch_size": 2},
+            "vision_start_token_id": VOCAB - 3,
+            "video_token_id": VOCAB - 2,
+            "image_token_id": VOCAB - 1,
+            "tie_word_embeddings": False,
+        },
+    ),
+    "mistral3": (
+        "Mistral3Config",
+        {
+            "text_config": {**_LAYERED, "model_type": "mistral", "head_dim": 8, "vocab_size": VOCAB, **_POSITIONS},
+            "vision_config": {"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 24}
+            | {"num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 28, "patch_size": 14, "head_dim": 8},
+            "image_token_index": VOCAB - 1,
+            "spatial_merge_size": 2,
+            "tie_word_embeddings": True,
+        },
+    ),
     # odd widths (float32 -> bf16 rounding, blocks that do not divide evenly)
     "llama-odd": (
         "LlamaConfig",
@@ -61,6 +120,8 @@ def config_of(name: str, **overrides):
     import transformers
 
     class_name, arguments = CONFIGS[name]
+    if "text_config" in arguments:  # a vision-language model: sizes live in the sub-configs
+        return getattr(transformers, class_name)(**arguments)
     extra = {} if "n_positions" in arguments else POSITIONS
     config = getattr(transformers, class_name)(**{**COMMON, **extra, **arguments})
     for key, value in overrides.items():
@@ -77,6 +138,16 @@ class Arch:
     tied: bool = False
     # the model's parameter name -> the name its checkpoints store it under, where they differ
     stored_as: Tuple[Tuple[str, str], ...] = ()
+    # MoE / VL: names, splits and buffers as save_pretrained writes them (transformers'
+    # revert_weight_conversion): one 2-D tensor per expert, language_model.model.*, ...
+    saved_layout: bool = False
+    fused_experts: bool = False  # store experts as transformers holds them in memory (3-D)
+    model_class: str = "AutoModelForCausalLM"  # transformers' own class that loads it
+    vision_prefixes: Tuple[str, ...] = ()  # vision tower and projector tensors (VL models)
+    renames: Tuple[Tuple[str, str], ...] = ()  # stored-name prefixes as published checkpoints name them
+
+    def is_vision(self, tensor_name: str) -> bool:
+        return bool(self.vision_prefixes) and tensor_name.startswith(self.vision_prefixes)
 
     def layer_of(self, tensor_name: str) -> Optional[int]:
         head, _, _ = self.layer_prefix.partition("{}")
@@ -85,12 +156,16 @@ class Arch:
         return int(tensor_name[len(head) :].split(".", 1)[0])
 
 
-def _arch(name: str, layer_prefix: str, stored_as: Tuple[Tuple[str, str], ...] = ()) -> Arch:
-    arguments = CONFIGS[name][1]
-    layers = arguments.get("num_hidden_layers", arguments.get("n_layer"))
-    return Arch(
-        name, lambda: config_of(name), layer_prefix, layers, tied=arguments["tie_word_embeddings"], stored_as=stored_as
-    )
+def _arch(name: str, layer_prefix: str, stored_as: Tuple[Tuple[str, str], ...] = (), config=None, **options) -> Arch:
+    """``config``: the CONFIGS entry, when several test architectures share one."""
+    arguments = CONFIGS[config or name][1]
+    text = arguments.get("text_config", arguments)
+    layers = text.get("num_hidden_layers", text.get("n_layer"))
+    tied = arguments["tie_word_embeddings"]
+    return Arch(name, lambda: config_of(config or name), layer_prefix, layers, tied, stored_as, **options)
+
+
+_VL = dict(model_class="AutoModelForImageTextToText", saved_layout=True)
 
 
 ARCHS: Dict[str, Arch] = {
@@ -100,6 +175,29 @@ ARCHS: Dict[str, Arch] = {
     "gemma2": _arch("gemma2", "model.layers.{}."),
     "gpt2": _arch("gpt2", "transformer.h.{}."),
     "phi3": _arch("phi3", "model.layers.{}."),
+    # mixture-of-experts: stored as save_pretrained stores them, one 2-D tensor per expert;
+    # the *_fused variants store the 3-D tensors transformers holds in memory
+    "mixtral": _arch("mixtral", "model.layers.{}.", saved_layout=True),
+    "mixtral_fused": _arch("mixtral_fused", "model.layers.{}.", config="mixtral", fused_experts=True),
+    "qwen3_moe": _arch("qwen3_moe", "model.layers.{}.", saved_layout=True),
+    "qwen3_moe_fused": _arch("qwen3_moe_fused", "model.layers.{}.", config="qwen3_moe", fused_experts=True),
+    "glm4_moe": _arch("glm4_moe", "model.layers.{}.", saved_layout=True),
+    # vision-language: the text decoder's layers follow the rule, the rest `vision`
+    "gemma3vl": _arch(
+        "gemma3vl",
+        "language_model.model.layers.{}.",
+        vision_prefixes=("vision_tower.", "multi_modal_projector."),
+        # published Gemma 3 checkpoints (and mergekit's definition) name the tower so
+        renames=(("vision_tower.", "vision_tower.vision_model."),),
+        **_VL,
+    ),
+    "qwen2_5_vl": _arch("qwen2_5_vl", "model.layers.{}.", vision_prefixes=("visual.",), **_VL),
+    "mistral3": _arch(
+        "mistral3",
+        "language_model.model.layers.{}.",
+        vision_prefixes=("vision_tower.", "multi_modal_projector."),
+        **_VL,
+    ),
 }
 # the families the session fixture builds (``conftest.families``) are the ones above;
 # these serve single tests
@@ -122,20 +220,31 @@ def variant(arch: Arch, name: str, **overrides) -> Arch:
             setattr(config, key, value)
         return config
 
-    return Arch(name, make_config, arch.layer_prefix, layers, tied=arch.tied, stored_as=arch.stored_as)
+    return dataclasses.replace(arch, name=name, make_config=make_config, num_layers=layers)
 
 
-def stored_layout(config, stored_as: Tuple[Tuple[str, str], ...] = ()) -> tuple:
+def stored_layout(config, stored_as: Tuple[Tuple[str, str], ...] = (), arch: Optional[Arch] = None) -> tuple:
     """(model class name, name -> shape of every tensor a transformers checkpoint of
     ``config`` stores): the parameters of the model built on the meta device (no memory,
     no initialisation), a tied output head once (under the embedding's name), as
-    ``save_pretrained`` writes it."""
-    from transformers import AutoModelForCausalLM
+    ``save_pretrained`` writes it. With ``arch.saved_layout`` also its persistent buffers,
+    renamed and split by transformers' own ``revert_weight_conversion`` (what
+    ``save_pretrained`` does); then ``arch.renames``."""
+    import transformers
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = getattr(transformers, arch.model_class if arch else "AutoModelForCausalLM").from_config(config)
+    state = dict(model.named_parameters())
+    if arch is not None and arch.saved_layout:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        persistent = set(model.state_dict())  # buffers a checkpoint stores (glm4_moe's router bias)
+        state.update({name: buffer for name, buffer in model.named_buffers() if name in persistent})
+        state = revert_weight_conversion(model, state)
     renamed = dict(stored_as)
-    shapes = {renamed.get(name, name): tuple(param.shape) for name, param in model.named_parameters()}
+    shapes = {renamed.get(name, name): tuple(param.shape) for name, param in state.items()}
+    for old, new in arch.renames if arch else ():
+        shapes = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in shapes.items()}
     return type(model).__name__, shapes
 
 
@@ -227,7 +336,7 @@ def make_model(
     """Write a checkpoint; with ``base_path``, the base's weights plus seeded noise."""
     config = arch.make_config()
     generator = torch.Generator().manual_seed(seed)
-    model_class, shapes = stored_layout(config, arch.stored_as)
+    model_class, shapes = stored_layout(config, arch.stored_as, arch)
     if base_path is None:
         tensors = {name: _base_value(name, shape, generator) for name, shape in sorted(shapes.items())}
     else:
@@ -279,6 +388,32 @@ def make_lora(base_path: str, path: str, seed: int, rank: int = 4, alpha: int = 
     with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as handle:
         json.dump(config, handle, indent=2, sort_keys=True)
     return path
+
+
+def fused_copy(arch: Arch, source: str, path: str) -> str:
+    """``source`` re-stored in transformers' in-memory layout (fused 3-D experts), the
+    values unchanged: transformers' own class loads it, its state dict is written."""
+    import shutil
+
+    shutil.copytree(source, path, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    save_file(
+        {k: v.contiguous() for k, v in model_tensors(arch, source).items()},
+        os.path.join(path, "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return path
+
+
+def model_tensors(arch: Arch, path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor as transformers' own class holds it after loading ``path``; fails
+    when the checkpoint leaves a weight of that class unloaded or unused."""
+    import transformers
+
+    model, info = getattr(transformers, arch.model_class).from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], (path, info)
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
 def load_tensors(path: str) -> Dict[str, torch.Tensor]:

@@ -54,7 +54,7 @@ def test_readme_parameter_table_is_generated_from_the_table():
 
 def test_derived_views():
     assert table.ZONE_PARAMETERS == ("bottom_layers", "top_layers", "bottom_transition", "top_transition")
-    assert table.SWEEPABLE == table.ZONE_PARAMETERS + ("weighting", "non_layer", "transition_shape")
+    assert table.SWEEPABLE == table.ZONE_PARAMETERS + ("weighting", "non_layer", "vision", "transition_shape")
     assert table.DEFAULTS == {
         "bottom_layers": 5,
         "top_layers": 2,
@@ -62,6 +62,7 @@ def test_derived_views():
         "top_transition": 0,
         "weighting": "uniform",
         "non_layer": "average",
+        "vision": "language",
         "transition_shape": "flat",
         "blend_method": "average",
     }

@@ -280,18 +280,48 @@ def test_merge_state_dicts_with_explicit_positions(families):
     assert_matches(merged, api_expected(fam, SOURCES))
 
 
-def test_merge_state_dicts_without_a_role_is_a_clear_error(families):
+def test_merge_state_dicts_without_roles_takes_the_documented_order(families):
+    """No roles: the inputs are base (when given), task expert, language expert, in order."""
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    fam = families("llama")
+    task, lang = load_tensors(fam.task), load_tensors(fam.lang)
+    explicit = merge_state_dicts({"task": task, "lang": lang}, "layer_swap", parameters={"role": ROLES, **ZONES})
+    ordered = merge_state_dicts([task, lang], "layer_swap", parameters=ZONES)
+    assert_matches(ordered, api_expected(fam, SOURCES))
+    swapped = merge_state_dicts([lang, task], "layer_swap", parameters=ZONES)  # order decides
+    assert ordered.keys() == explicit.keys()
+    for name in explicit:
+        assert torch.equal(ordered[name], explicit[name]), name
+    assert any(not torch.equal(swapped[name], explicit[name]) for name in explicit)
+
+
+def test_merge_state_dicts_without_roles_needs_exactly_two_experts(families):
     from mergekit.merge_methods.api import merge_state_dicts
 
     from mergekit_layerswap.core.errors import RecipeError
 
     fam = families("llama")
-    with pytest.raises(RecipeError, match="needs a role for every input"):
-        merge_state_dicts([load_tensors(fam.task), load_tensors(fam.lang)], "layer_swap", parameters=ZONES)
+    task, lang = load_tensors(fam.task), load_tensors(fam.lang)
+    with pytest.raises(
+        RecipeError,
+        match=r"got 3 non-base inputs and no roles.*the base \(base=...\), the task expert and the language",
+    ):
+        merge_state_dicts([task, lang, lang], "layer_swap", parameters=ZONES)
+    with pytest.raises(RecipeError, match="got 1 non-base inputs and no roles"):
+        merge_state_dicts([task, lang], "layer_swap", base=0, parameters=ZONES)
 
 
-@pytest.mark.parametrize("names", [["w"], ["model.embed_tokens.weight", "model.layers.0.not_in_llama.weight"]])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["model.embed_tokens.weight", "model.layers.0.not_in_llama.weight"],
+        ["model.embed_tokens.weight"],
+        ["model.layers.7.mlp.up_proj.weight"],
+    ],
+)
 def test_merge_state_dicts_refuses_tensors_no_architecture_places(names):
+    """Names some definition knows but that are not a whole model: refused, never guessed."""
     from mergekit.merge_methods.api import merge_state_dicts
 
     from mergekit_layerswap.core.errors import RecipeError
@@ -299,6 +329,23 @@ def test_merge_state_dicts_refuses_tensors_no_architecture_places(names):
     models = {key: {name: torch.ones(2) for name in names} for key in ROLES}
     with pytest.raises(RecipeError, match="mergekit-yaml"):
         merge_state_dicts(models, "layer_swap", parameters={"role": ROLES})
+
+
+def test_merge_state_dicts_of_no_known_model_follows_the_non_layer_rule(caplog):
+    """Tensors no definition names at all (mergekit's own method tests use ``w``) hold no
+    decoder layer: each follows ``non_layer``, with a warning that says how to swap layers."""
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    models = [
+        {"w": torch.full((2, 3), 1.0), "b": torch.full((3,), 2.0)},
+        {"w": torch.full((2, 3), 3.0), "b": torch.zeros(3)},
+    ]
+    with caplog.at_level("WARNING"):
+        averaged = merge_state_dicts(models, "layer_swap")
+    assert torch.equal(averaged["w"], torch.full((2, 3), 2.0)) and torch.equal(averaged["b"], torch.ones(3))
+    assert "treated as a non-layer tensor" in caplog.text and "layer_index" in caplog.text
+    language = merge_state_dicts(models, "layer_swap", parameters={"non_layer": "language"})
+    assert torch.equal(language["w"], models[1]["w"]) and torch.equal(language["b"], models[1]["b"])
 
 
 def test_merge_tensors_alone_cannot_know_the_layer_count():

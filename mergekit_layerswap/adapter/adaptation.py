@@ -32,6 +32,7 @@ from mergekit_layerswap.adapter.hooks import wrap
 VERIFIED_MERGEKIT_VERSIONS = ("0.1.5",)
 PLANNER = "mergekit_layerswap.adapter.planner"
 SCRIPTS = "mergekit_layerswap.cli.mergekit_scripts"
+LORA_CACHE = "mergekit_layerswap.adapter.lora_cache"
 
 
 class Patch:
@@ -63,22 +64,35 @@ PATCHES: tuple[Patch, ...] = (
     Patch("merge", "mergekit.merge", "", "_get_donor_model", f"{PLANNER}:_with_donor_as_base"),
     # tensor headers checked and magnitude statistics computed, before anything is written
     Patch("planner", "mergekit.plan", "MergePlanner", "normalize_config", f"{PLANNER}:_normalize_config"),
+    # the module mergekit is planning: in a vision-language model only the text decoder's
+    # layers are decoder layers; its other modules (vision tower, projector) follow `vision`
+    Patch("planner", "mergekit.plan", "MergePlanner", "plan_module", f"{PLANNER}:_plan_module"),
     # the decoder-layer index mergekit is planning (from its architecture definition)
     Patch("planner", "mergekit.plan", "MergePlanner", "plan_layer", f"{PLANNER}:_plan_layer"),
     # only the experts whose role the tensor needs, plus its position and magnitudes
     Patch("planner", "mergekit.plan", "MergePlanner", "plan_tensor", f"{PLANNER}:_plan_tensor"),
     # integer tensors are saved in their own dtype, not out_dtype
     Patch("planner", "mergekit.plan", "MergePlanner", "plan_to_disk", f"{PLANNER}:_plan_to_disk"),
+    # a tensor stored one 2-D tensor per expert is converted by mergekit's own
+    # convert_checkpoint_tensors from only its stored sources (layout.py), not from every
+    # tensor of the checkpoint (O(tensors) per expert tensor); same values
+    Patch("loader", "mergekit.io.tasks", "LoadTensor", "_load_converted_tensor", f"{PLANNER}:_converting_from_sources"),
     # a thread warms the input bytes the schedule reads next (readahead.py)
     Patch("executor", "mergekit.graph", "Executor", "_run", f"{PLANNER}:_reading_ahead"),
     # each finished shard goes to the kernel's writeback at once (output.py)
     Patch("writer", "mergekit.io.tensor_writer", "TensorWriter", "_write_shard_task", f"{PLANNER}:_writing_back"),
+    # a LoRA expert's merge cache entry is keyed by the content of base and adapter, built
+    # aside and verified before use, while a layer_swap merge runs (lora_cache.py)
+    Patch("loader", "mergekit.common", "ModelReference", "merged", f"{LORA_CACHE}:verified_merged"),
     # a model card that describes the swap
     Patch("card", "mergekit.merge", "", "generate_card", f"{PLANNER}:_layer_swap_card"),
     # an existing local path is local (0.1.5 asks the Hub about relative paths)
     Patch("loader", "mergekit.card", "", "is_hf", f"{PLANNER}:_local_paths_are_local"),
     # every layer_swap stage of a mergekit-multi file is checked before the first runs
     Patch("multimerge", "mergekit.scripts.multimerge", "", "load_config", f"{PLANNER}:_checking_stages"),
+    # the devices and the output of every layer_swap stage (each stage and the final) are
+    # checked before the first stage runs (output.check_stage_output)
+    Patch("multimerge", "mergekit.scripts.multimerge", "", "make_tasks", f"{PLANNER}:_checking_stage_outputs"),
     # the lazy mode skips a stage only when its stored mergekit_config.yml is this stage
     Patch(
         "multimerge",

@@ -38,7 +38,7 @@ bottom_transition={tb}, top_transition={tu} (transition shape: {shape}).
 |---|---|
 {layers}
 
-Non-layer tensors (embeddings, final norm, lm_head): {non_layer}.
+Non-layer tensors (embeddings, final norm, lm_head): {non_layer}.{vision}
 config.json, tokenizer and generation config come from {donor}.
 
 ## Recipe
@@ -93,11 +93,16 @@ def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
     else:
         reference = "Weighting: uniform (each expert's `weight`)."
     layers = [f"| {lo}{f'-{hi}' if hi != lo else ''} | {label} |" for lo, hi, label in _ranges(layer_labels(run))]
-    non_layer = {
+    policies = {
         "average": "weighted average of both experts",
         LANGUAGE: "taken from the language expert",
         "task": "taken from the task expert",
-    }[recipe.non_layer]
+    }
+    non_layer = policies[recipe.non_layer]
+    vision = ""
+    if len(run.info.arch_info.modules) > 1:  # a vision-language model
+        modules = ", ".join(m for m in run.info.arch_info.modules if m != run.info.module_name)
+        vision = f"\nVision tower and projector ({modules}; `vision: {recipe.vision}`): {policies[recipe.vision]}."
     hub_models = [str(m.model.path) for m in recipe.models if looks_like_hub_id(m.model.path)]
     metadata = yaml.safe_dump(
         {
@@ -121,6 +126,7 @@ def layer_swap_card(run, config_yaml: str, name: Optional[str] = None) -> str:
         shape=recipe.transition_shape,
         layers="\n".join(layers),
         non_layer=non_layer,
+        vision=vision,
         donor=recipe.donor,
         config_yaml=config_yaml.rstrip(),
     )

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
+from mergekit_layerswap.core.architectures import REFUSED, TEXT_MODULE, VISION_LANGUAGE, support_of
 from mergekit_layerswap.core.errors import RecipeError
 from mergekit_layerswap.core.files import looks_like_hub_id
+from mergekit_layerswap.core.layers import VISION
 from mergekit_layerswap.core.recipe import SwapRecipe, check_zone_fit
 
-# config keys whose value > 1 marks a mixture-of-experts model
-_MOE_CONFIG_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+Position = Union[int, str, None]  # a decoder layer, None (outside the layers) or VISION
 
 
 @dataclass(frozen=True)
@@ -28,28 +29,59 @@ class ModelsInfo:
     configs: Dict[Any, Any]  # ModelReference -> transformers PretrainedConfig
     num_layers: int
 
-    def module(self, model) -> Any:
+    def module(self, model, module_name: Optional[str] = None) -> Any:
+        """The text decoder module (or ``module_name``) configured for ``model``."""
         from mergekit.architecture import ConfiguredModuleArchitecture
 
-        definition = self.arch_info.modules[self.module_name]
+        definition = self.arch_info.modules[module_name or self.module_name]
         return ConfiguredModuleArchitecture(
             info=definition.architecture,
             config=self.configs[model],
             weight_prefix=definition.weight_prefix,
         )
 
-    def layer_of(self, model) -> Dict[str, Optional[int]]:
-        """Tensor name (and aliases) -> decoder layer index, None outside the layers."""
-        module = self.module(model)
-        names: Dict[str, Optional[int]] = {}
-        for weight in module.pre_weights() + module.post_weights():
+    def weights(self, model) -> List[Tuple[Any, Position]]:
+        """(WeightInfo, position) of every tensor mergekit plans, module by module in its
+        order: a decoder layer index, None outside the layers, VISION for every tensor of
+        a vision-language model's other modules (vision tower, projector)."""
+        out: List[Tuple[Any, Position]] = []
+        for name in self.arch_info.modules:
+            module = self.module(model, name)
+            text = name == self.module_name
+            count = self.num_layers if text else (module.num_layers() or 0)
+            out += [(w, None if text else VISION) for w in module.pre_weights()]
+            for layer in range(count):
+                out += [(w, layer if text else VISION) for w in module.layer_weights(layer) or ()]
+            out += [(w, None if text else VISION) for w in module.post_weights()]
+        return out
+
+    def layer_of(self, model) -> Dict[str, Position]:
+        """Tensor name (and aliases) -> decoder layer index, None outside the layers,
+        VISION outside a vision-language model's text decoder."""
+        names: Dict[str, Position] = {}
+        for weight, position in self.weights(model):
             for name in (weight.name,) + tuple(weight.aliases or ()):
-                names[name] = None
-        for layer in range(self.num_layers):
-            for weight in module.layer_weights(layer):
-                for name in (weight.name,) + tuple(weight.aliases or ()):
-                    names[name] = layer
+                names[name] = position
         return names
+
+    @property
+    def model_type(self) -> Optional[str]:
+        """config.json's model_type, which mergekit's loader converts stored tensors by."""
+        return getattr(next(iter(self.configs.values())), "model_type", None)
+
+    def stored_positions(self, model, stored_names) -> Dict[str, Optional[int]]:
+        """Stored tensor name -> decoder layer (None outside the layers) for every stored
+        tensor the output is made of; a tensor stored one 2-D matrix per expert has the
+        position of the fused model-layout tensor it is converted into (``layout.py``)."""
+        from mergekit_layerswap.adapter.layout import model_layout_name
+
+        positions = self.layer_of(model)
+        out: Dict[str, Optional[int]] = {}
+        for name in stored_names:
+            target = name if name in positions else model_layout_name(self.model_type, name)
+            if target in positions:
+                out[name] = positions[target]
+        return out
 
 
 def _all_models(recipe: SwapRecipe) -> List[Any]:
@@ -87,22 +119,21 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False, check_files
     for model in _all_models(recipe):
         config = _read_config(model, trust_remote_code)
         configs[model] = config
+        support = support_of((config.architectures or ["?"])[0], config.model_type)
+        if support is not None and support.kind == REFUSED:
+            raise RecipeError(f"{_describe(model, config)}: layer_swap cannot describe it: {support.note}")
         arch = arch_info_for_config(config)
         if arch is None:
             raise RecipeError(
                 f"{_describe(model, config)}: mergekit has no architecture definition for it, "
                 f"so its layers are unknown; use a model of an architecture mergekit supports"
             )
-        if len(arch.modules) != 1:
+        vision_language = support is not None and support.kind == VISION_LANGUAGE and TEXT_MODULE in arch.modules
+        if len(arch.modules) != 1 and not vision_language:
             raise RecipeError(
-                f"{_describe(model, config)} has several modules ({', '.join(arch.modules)}); "
-                f"layer_swap supports single-stack decoder models only"
-            )
-        moe = [k for k in _MOE_CONFIG_KEYS if (getattr(config, k, None) or 0) > 1]
-        if moe or "moe" in config.model_type.lower():
-            raise RecipeError(
-                f"{_describe(model, config)} is a mixture-of-experts model; layer_swap supports "
-                f"dense decoder models only"
+                f"{_describe(model, config)} has several modules ({', '.join(arch.modules)}) and is not a "
+                f"vision-language model whose text decoder the rule can place; layer_swap supports decoder "
+                f"models and the vision-language models listed in the README"
             )
         archs[model] = arch
 
@@ -116,7 +147,7 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False, check_files
                 f"architecture"
             )
     arch_info = archs[first]
-    module_name = next(iter(arch_info.modules))
+    module_name = TEXT_MODULE if TEXT_MODULE in arch_info.modules else next(iter(arch_info.modules))
     module_arch = arch_info.modules[module_name].architecture
     counts = {model: module_arch.num_layers(configs[model]) for model in models}
     if len(set(counts.values())) != 1:
@@ -174,6 +205,14 @@ def stored_tensors(model) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     return {name: shapes[name] for name in index.tensor_paths if name in shapes}
 
 
+def stored_sources(info: ModelsInfo, weight, stored, with_tied: bool, by_target=None) -> Optional[List[str]]:
+    """The stored tensors ``weight`` is read from (several for a tensor stored one 2-D
+    matrix per expert), None when the model lacks it."""
+    from mergekit_layerswap.adapter.layout import weight_sources
+
+    return weight_sources(weight, stored, info.model_type, with_tied, by_target)
+
+
 def find_stored(weight, stored: Dict[str, Any], with_tied: bool) -> Optional[str]:
     """The name under which a checkpoint stores ``weight`` (aliases, and tied names if asked)."""
     names = [weight.name] + list(weight.aliases or [])
@@ -195,14 +234,16 @@ def check_tensors(
     vocab_hint = (
         "add `tokenizer: {source: base}` (or `source: union`) so mergekit aligns the vocabularies before the swap"
     )
-    module = info.module(experts[0])
-    weights = (
-        module.pre_weights()
-        + [w for layer in range(info.num_layers) for w in module.layer_weights(layer)]
-        + module.post_weights()
-    )
+    weights = [weight for weight, _position in info.weights(experts[0])]
+    from mergekit_layerswap.adapter.layout import sources_by_target
+
+    targets = {m: sources_by_target(info.model_type, stored[m]) for m in _all_models(recipe)}
+
+    def sources(model, weight, with_tied):
+        return stored_sources(info, weight, stored[model], with_tied, targets[model])
+
     for weight in weights:
-        own = {m: find_stored(weight, stored[m], with_tied=False) for m in experts}
+        own = {m: sources(m, weight, with_tied=False) for m in experts}
         if weight.optional:
             present = [m for m in experts if own[m]]
             if present and len(present) != len(experts) and not tokenizer_configured:
@@ -214,18 +255,21 @@ def check_tensors(
                 )
             if not present:
                 continue
-        found = {m: find_stored(weight, stored[m], with_tied=weight.optional) for m in experts}
-        for model, name in found.items():
-            if name is None:
+        found = {m: sources(m, weight, with_tied=weight.optional) for m in experts}
+        for model, names in found.items():
+            if names is None:
                 raise RecipeError(
                     f"{model} has no tensor {weight.name}, which its architecture "
                     f"({info.arch_info.architectures[0]}) requires; check the checkpoint"
                 )
-        shapes = {m: stored[m][found[m]][0] for m in experts}
+        shapes = {m: _shape_of(stored[m], found[m]) for m in experts}
         if recipe.base_model is not None and recipe.weighting == "magnitude":
-            base_name = find_stored(weight, stored[recipe.base_model], with_tied=weight.optional)
-            if base_name is not None:
-                shapes[recipe.base_model] = stored[recipe.base_model][base_name][0]
+            base_names = sources(recipe.base_model, weight, with_tied=weight.optional)
+            if base_names is not None:
+                shapes[recipe.base_model] = _shape_of(stored[recipe.base_model], base_names)
+        if len({len(names) == 1 for names in found.values()}) > 1:
+            _check_same_size(weight.name, shapes)
+            continue
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{m}: {list(s)}" for m, s in shapes.items())
             if weight.vocabulary_axis is not None and _differ_beyond(shapes, weight.vocabulary_axis):
@@ -241,6 +285,30 @@ def check_tensors(
                 f"tensor shapes differ for {weight.name} ({listing}); experts must be fine-tunes of one base model"
             )
     return stored
+
+
+def _shape_of(stored, names: List[str]):
+    """The stored shape, or for a converted tensor the tuple of its sources' shapes."""
+    if len(names) == 1:
+        return stored[names[0]][0]
+    return tuple(stored[name][0] for name in names)
+
+
+def _check_same_size(name: str, shapes) -> None:
+    """One expert stores ``name`` fused (3-D), another one 2-D tensor per expert: the
+    element counts must agree (the number of experts and their sizes)."""
+
+    def size(shape):
+        if shape and isinstance(shape[0], tuple):
+            return sum(size(s) for s in shape)
+        count = 1
+        for d in shape:
+            count *= d
+        return count
+
+    if len({size(s) for s in shapes.values()}) > 1:
+        listing = ", ".join(f"{m}: {size(s)} values" for m, s in shapes.items())
+        raise RecipeError(f"tensor sizes differ for {name} ({listing}); experts must be fine-tunes of one base model")
 
 
 def _differ_beyond(shapes: Dict[Any, Tuple[int, ...]], axis: int) -> bool:

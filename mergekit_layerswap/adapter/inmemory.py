@@ -18,6 +18,7 @@ explicit parameters.
 
 from __future__ import annotations
 
+import logging
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mergekit.merge_methods.base import FunctionalGroupMergeMethod, PerGroupValues
@@ -25,8 +26,11 @@ from mergekit.merge_methods.base import FunctionalGroupMergeMethod, PerGroupValu
 from mergekit_layerswap.adapter.tensor_checks import HOW_TO_MERGE, NON_LAYER
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.layers import LANGUAGE, TASK
 
 Position = Union[int, str]  # a decoder layer index or NON_LAYER
+ROLE_ORDER = (TASK, LANGUAGE)  # the non-base inputs' roles when the caller gives none
+LOG = logging.getLogger(__name__)
 _PROBE_LAYERS = 1 << 20  # stands for "many layers" while counting them
 
 
@@ -38,10 +42,7 @@ class LayerSwapMethod(FunctionalGroupMergeMethod):
         groups = tuple(groups)
         parameters = dict(parameters or {})
         if groups and parameters.get("role") is None:
-            raise RecipeError(
-                f"{METHOD_NAME} needs a role for every input: parameters={{'role': {{<input id>: 'task' or "
-                f"'language', ...}}}} (a sequence in input order works too)"
-            )
+            parameters["role"] = default_roles(groups[0])
         if groups and "layer_index" not in parameters:
             names = [group.metadata.name for group in groups]
             positions, num_layers = infer_positions(names)
@@ -54,6 +55,22 @@ class LayerSwapMethod(FunctionalGroupMergeMethod):
             parameters["layer_index"] = PerGroupValues([positions[name] for name in names])
             parameters["num_layers"] = num_layers
         return super().__call__(groups, parameters=parameters, **options)
+
+
+def default_roles(group) -> Dict[object, Optional[str]]:
+    """Roles of inputs given none: the documented order, base (if any) first, then the task
+    expert, then the language expert. Anything but exactly two non-base inputs is refused."""
+    experts = [entry.id for entry in group.entries if not entry.is_base]
+    if len(experts) != len(ROLE_ORDER):
+        raise RecipeError(
+            f"{METHOD_NAME} got {len(experts)} non-base inputs and no roles; without roles the inputs are, "
+            f"in order, the base (base=...), the task expert and the language expert; otherwise give "
+            f"parameters={{'role': {{<input id>: 'task' or 'language', ...}}}} (a sequence in input order "
+            f"works too)"
+        )
+    roles: Dict[object, Optional[str]] = {entry.id: None for entry in group.entries if entry.is_base}
+    roles.update(zip(experts, ROLE_ORDER))
+    return roles
 
 
 def _names(weight) -> Tuple[str, ...]:
@@ -90,8 +107,8 @@ def _placement(module_def, names: set) -> Optional[Tuple[int, Dict[str, Position
         count = 0
         while any(n in names for w in probe.layer_weights(count) or () for n in _names(w)):
             count += 1
-        if count == 0:
-            return None
+        if count == 0:  # no layer 0: still a model of this definition if it names any tensor
+            return (0, {}, sorted(names)) if _mentions(probe, names) else None
         module = configured(count)
         placed: Dict[str, Position] = {}
         required = []
@@ -108,6 +125,16 @@ def _placement(module_def, names: set) -> Optional[Tuple[int, Dict[str, Position
         return None
     absent = [w.name for w in required if not w.optional and not any(n in names for n in _names(w))]
     return count, placed, absent
+
+
+def _mentions(module, names: set) -> bool:
+    """Whether ``module`` names any of ``names``: a pre/post weight, or a layer weight of
+    a layer whose index appears as a dotted component of one of the names."""
+    indices = {int(part) for name in names for part in name.split(".") if part.isdigit()}
+    weights = list(module.pre_weights() + module.post_weights())
+    for index in sorted(i for i in indices if i < _PROBE_LAYERS):
+        weights.extend(module.layer_weights(index) or ())
+    return any(n in names for w in weights for n in _names(w))
 
 
 def _architectures() -> Iterable[Tuple[str, object]]:
@@ -134,7 +161,7 @@ def infer_positions(names: Sequence[Optional[str]]) -> Tuple[Dict[str, Position]
         # every tensor placed, and a whole model: a partial state dict would miscount the layers
         missing = sorted(wanted - set(placed)) or absent
         if missing:
-            covered = len(wanted) - len(missing)
+            covered = len(wanted & set(placed))  # >= 0: some definition knows these names
             if covered > closest[0]:
                 closest = (covered, missing)
             continue
@@ -142,10 +169,16 @@ def infer_positions(names: Sequence[Optional[str]]) -> Tuple[Dict[str, Position]
         found.setdefault(key, []).append(arch_name)
     if not found:
         if closest[0] < 0:
-            raise RecipeError(
-                f"{METHOD_NAME} cannot place tensor {sorted(wanted)[0]} in a decoder layer: no mergekit "
-                f"architecture definition matches these tensor names; {HOW_TO_MERGE}"
+            # not one name any definition knows (nor a layer of it): tensors of no decoder model
+            LOG.warning(
+                "%s: no mergekit architecture definition names any of these %d tensors (%s): each is "
+                "treated as a non-layer tensor (the non_layer rule applies); to swap layers, %s",
+                METHOD_NAME,
+                len(wanted),
+                sorted(wanted)[0],
+                HOW_TO_MERGE,
             )
+            return {name: NON_LAYER for name in wanted}, 0
         raise RecipeError(
             f"{METHOD_NAME} cannot place tensor {closest[1][0]} in a decoder layer: the tensors are not the "
             f"whole of any model mergekit's architecture definitions describe ({closest[1][0]} is not "

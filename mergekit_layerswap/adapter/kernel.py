@@ -38,6 +38,7 @@ from mergekit_layerswap.core.layers import ROLES, SwapRule, SwapZones
 
 Role = Literal["task", "language"]
 NON_LAYER = tensor_checks.NON_LAYER  # layer_index of a tensor outside the decoder layers
+VISION = tensor_checks.VISION  # layer_index of a vision tower / projector tensor (vision-language models)
 
 
 @merge_method(
@@ -58,17 +59,18 @@ def layer_swap(
     top_transition: NonNegativeInt = 0,
     weighting: Literal["uniform", "magnitude"] = "uniform",
     non_layer: Literal["average", "language", "task"] = "average",
+    vision: Literal["language", "task", "average"] = "language",
     transition_shape: Literal["flat", "linear"] = "flat",
     blend_method: str = "average",
     blend_options: Optional[Tuple[Tuple[str, Any], ...]] = None,
-    layer_index: Union[NonNegativeInt, Literal["non_layer"], None] = None,
+    layer_index: Union[NonNegativeInt, Literal["non_layer", "vision"], None] = None,
     num_layers: Optional[NonNegativeInt] = None,
     magnitude: PerInput[PositiveFloat] = 1.0,
 ) -> torch.Tensor:
     name = group.metadata.name
     layer = tensor_checks.layer_position(layer_index, num_layers, name)
     rule = SwapRule(
-        SwapZones(bottom_layers, top_layers, bottom_transition, top_transition), non_layer, transition_shape
+        SwapZones(bottom_layers, top_layers, bottom_transition, top_transition), non_layer, transition_shape, vision
     )
     sources = rule.sources(layer, num_layers)
     shares = sources.shares

@@ -1,11 +1,15 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """Magnitude statistics: how far an expert moved from its base, in one streaming pass.
 
-For every floating-point 1-D or 2-D tensor the expert's checkpoint stores (each stored
-tensor once; a tied lm_head that is not stored is not counted; other ranks are
-skipped) the row value is ``mean |expert - base|`` over that row, in float32 from the
-stored values (a 1-D tensor is one row). An expert's statistic ``m`` is the mean of the
-row values over all rows; ``weighting: magnitude`` gives it the weight ``weight / m``.
+For every floating-point 1-D, 2-D or 3-D tensor the expert's checkpoint stores (each
+stored tensor once; a tied lm_head that is not stored is not counted; other ranks, such
+as convolution kernels, are skipped) the row value is ``mean |expert - base|`` over that
+row, in float32 from the stored values. A 1-D tensor is one row; a 3-D tensor is a stack
+of matrices (a mixture-of-experts layer's experts fused, ``experts x rows x columns``)
+and its rows are every expert matrix's rows, so a checkpoint that stores one 2-D tensor
+per expert and one that stores them fused have the same rows and the same statistic.
+An expert's statistic ``m`` is the mean of the row values over all rows;
+``weighting: magnitude`` gives it the weight ``weight / m``.
 
 All experts are measured in one pass over the base (``magnitudes``): each base tensor is
 read once and compared with every expert's, so every file is read once. Only one tensor
@@ -34,11 +38,12 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 from mergekit_layerswap.adapter.readahead import Readahead, SafetensorsOffsets, tensor_range
 from mergekit_layerswap.core.environment import env_flag
 from mergekit_layerswap.core.errors import OptionError, RecipeError
-from mergekit_layerswap.core.files import atomic_file, file_identity
+from mergekit_layerswap.core.files import atomic_file, directory_identity
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: inode, ctime and device in the key
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".index.json")
+COUNTED_RANKS = (1, 2, 3)  # tensor ranks the statistic counts (3: fused experts)
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,7 @@ def cache_enabled() -> bool:
 
 
 def _identity(model, local_path: str) -> dict:
-    files = []
-    for name in sorted(os.listdir(local_path)):
-        if name.endswith(WEIGHT_SUFFIXES):
-            files.append([name, file_identity(os.path.join(local_path, name))])
-    return {"model": str(model), "path": os.path.abspath(local_path), "files": files}
+    return directory_identity(model, local_path, WEIGHT_SUFFIXES)
 
 
 def cache_key(expert_path: str, expert, base_path: str, base) -> str:
@@ -84,7 +85,8 @@ def _ordered_names(index) -> Iterator[str]:
 
 
 def row_mav(expert_tensor, base_tensor, block_elements: int = 1 << 22, buffers: Optional[list] = None):
-    """Per-row mean absolute change in float32; a 1-D tensor is one row.
+    """Per-row mean absolute change in float32; a 1-D tensor is one row, a 3-D tensor's
+    rows are the rows of each of its matrices.
 
     Rows are processed in blocks of about ``block_elements`` values, so the float32
     working copies stay small even for a large embedding matrix in bf16. ``buffers``
@@ -93,8 +95,9 @@ def row_mav(expert_tensor, base_tensor, block_elements: int = 1 << 22, buffers: 
     part of the pass. The operations per block are the same either way (same bits)."""
     import torch
 
-    if expert_tensor.ndim == 1:
-        expert_tensor, base_tensor = expert_tensor.reshape(1, -1), base_tensor.reshape(1, -1)
+    if expert_tensor.ndim != 2:  # 1-D: one row; 3-D: every matrix's rows
+        columns = expert_tensor.shape[-1]
+        expert_tensor, base_tensor = expert_tensor.reshape(-1, columns), base_tensor.reshape(-1, columns)
     rows, columns = expert_tensor.shape
     step = max(1, block_elements // max(columns, 1))
     device = expert_tensor.device
@@ -188,7 +191,7 @@ def stream_row_mavs_of(
                     values.append(None)
                     continue
                 x = loader.get_tensor(name, device=device)
-                if not x.is_floating_point() or x.ndim not in (1, 2):
+                if not x.is_floating_point() or x.ndim not in COUNTED_RANKS:
                     values.append(None)
                     continue
                 if y is None:

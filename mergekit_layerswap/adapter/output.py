@@ -10,13 +10,15 @@ module, called from ``planner.py``'s wrappers of ``mergekit.merge.run_merge`` an
 * refuse, before anything is written, an output that is, lies inside or contains any
   input (experts, base_model, LoRA adapters, tokenizer sources, the LoRA merge cache),
   however the paths are spelt: paths are resolved and directories compared by identity;
-* refuse an existing output directory holding anything a merge does not write, unless
-  ``MERGEKIT_LAYERSWAP_REPLACE_OUTPUT=1``;
+* refuse an existing output directory holding anything no earlier merge wrote there
+  (decided by the merge's record of its files, ``ownership.py``, never by file names),
+  unless ``MERGEKIT_LAYERSWAP_REPLACE_OUTPUT=1``;
 * refuse when the free space is below the bytes the output's tensors need;
-* build the merge in a sibling ``<target>.layerswap-tmp-<pid>`` and swap it into place
-  only when complete (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old
-  directory is renamed aside first, a short gap in which the target is absent and the
-  previous merge lies in ``<target>.layerswap-old-<pid>``);
+* build the merge in a sibling ``<target>.layerswap-tmp-<pid>``, record the files it
+  wrote there (``ownership.RECORD``), and swap it into place only when complete
+  (``renameat2(RENAME_EXCHANGE)`` on Linux; elsewhere the old directory is renamed aside
+  first, a short gap in which the target is absent and the previous merge lies in
+  ``<target>.layerswap-old-<pid>``);
 * remove the temporary directories of dead processes it finds next to the target.
 
 A killed, interrupted or failed merge therefore leaves the previous target intact (or
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import fnmatch
 import logging
 import os
 import queue
@@ -36,6 +37,7 @@ import shutil
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from mergekit_layerswap.adapter.ownership import write_record
 from mergekit_layerswap.core.environment import env_flag
 from mergekit_layerswap.core.errors import OutputError
 
@@ -45,23 +47,6 @@ REPLACE_ENV = "MERGEKIT_LAYERSWAP_REPLACE_OUTPUT"
 TEMP_MARK = ".layerswap-tmp-"
 ASIDE_MARK = ".layerswap-old-"
 
-# what mergekit 0.1.5 writes into an output directory (weights, index, config, card,
-# recipe, tokenizer files it saves or copies from the donor)
-MERGE_FILES = (
-    "config.json",
-    "model*.safetensors",
-    "pytorch_model*.bin",
-    "*.index.json",
-    "tokenizer*",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "generation_config.json",
-    "chat_template*",
-    "README.md",
-    "mergekit_config.yml",
-)
 # margin for safetensors headers, config and tokenizer files beyond the tensors
 _SPACE_MARGIN = 64 << 10
 
@@ -172,22 +157,11 @@ def check_not_an_input(out_path: str, inputs: List[Tuple[str, str]]) -> None:
 
 
 # ------------------------------------------------------------------ target
-def _is_merge_file(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in MERGE_FILES)
-
-
-def foreign_entries(target: str) -> List[str]:
-    """Entries of an existing output directory that a merge does not write."""
-    out = []
-    with os.scandir(target) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False) or not _is_merge_file(entry.name):
-                out.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
-    return sorted(out)
-
-
 def check_target(out_path: str, target: str) -> None:
-    """An existing target may be replaced: a directory holding only merge files (or opted in)."""
+    """An existing target may be replaced only when nothing in it would be lost: empty, or
+    holding only files an earlier merge wrote, unchanged (``ownership.py``), or opted in."""
+    from mergekit_layerswap.adapter.ownership import unowned_entries
+
     if not os.path.lexists(target):
         return
     if not os.path.isdir(target):
@@ -197,13 +171,20 @@ def check_target(out_path: str, target: str) -> None:
             f"output directory {out_path} is a mount point, which cannot be replaced atomically; "
             f"merge into a directory inside it (e.g. {os.path.join(out_path, 'merged')})"
         )
-    foreign = foreign_entries(target)
-    if foreign and not replace_opted_in():
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    if replace_opted_in():
+        return
+    lost, kind = unowned_entries(target)
+    if lost:
+        shown = ", ".join(lost[:5]) + (f" and {len(lost) - 5} more" if len(lost) > 5 else "")
+        whose = (
+            "it is not the output of a merge (no mergekit_config.yml, no record of a merge's files)"
+            if kind.startswith("not")
+            else f"it holds {kind}, which did not write them"
+        )
         raise OutputError(
-            f"output directory {out_path} holds files a merge does not write ({shown}); move them "
-            f"away, choose another output directory, or set {REPLACE_ENV}=1 to replace the whole "
-            f"directory"
+            f"output directory {out_path} holds files a merge does not write ({shown}): {whose}, and "
+            f"replacing it would lose them; move them away, choose another output directory, or set "
+            f"{REPLACE_ENV}=1 to replace the whole directory"
         )
 
 
@@ -456,6 +437,9 @@ def _make_parents(parent: str) -> List[str]:
 
 def run_atomically(original, merge_config, out_path: str, options, config_source=None, **kwargs):
     """``mergekit.merge.run_merge`` for a layer_swap config, with the guarantees above."""
+    from mergekit_layerswap.adapter.devices import check_merge_options
+
+    check_merge_options(options)
     out_path = os.fspath(out_path)
     target = os.path.realpath(out_path)
     inputs = input_locations(merge_config, options)
@@ -488,6 +472,7 @@ def run_atomically(original, merge_config, out_path: str, options, config_source
         original(merge_config, temp, options, config_source, **kwargs)
         if not os.path.isdir(temp) or not os.listdir(temp):
             raise OutputError(f"the merge wrote nothing for {out_path}; {out_path} was left as it was")
+        write_record(temp)
         install(temp, target)
     except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
@@ -518,6 +503,17 @@ def _normalised(text: str):
     from mergekit.config import MergeConfiguration
 
     return MergeConfiguration.model_validate(yaml.safe_load(text)).model_dump(mode="json")
+
+
+def check_stage_output(out_path: str, config_yaml: str, options, lazy: bool) -> None:
+    """A layer_swap stage of mergekit-multi, before any stage runs: its devices, and its
+    output unless the lazy mode will skip it (the same recipe is already there)."""
+    from mergekit_layerswap.adapter.devices import check_merge_options
+
+    check_merge_options(options)
+    if lazy and stored_config_matches(out_path, config_yaml):
+        return
+    check_target(out_path, os.path.realpath(out_path))
 
 
 def stored_config_matches(out_path: str, config_yaml: str) -> bool:

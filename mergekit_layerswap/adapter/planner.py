@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from mergekit_layerswap.adapter import tensor_checks
-from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
+from mergekit_layerswap.adapter.tensor_checks import NON_LAYER, VISION
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.environment import env_flag
 
@@ -149,9 +149,23 @@ def _normalize_config(original):
             print(weights, file=sys.stderr)
         self._layer_swap = run
         self._layer_swap_layer = None
+        self._layer_swap_module = run.info.module_name
         self._layer_swap_integers = set()
 
     return normalize_config
+
+
+def _plan_module(original):
+    def plan_module(self, module_name, *args, **kwargs):
+        if not is_layer_swap(self.config):
+            return original(self, module_name, *args, **kwargs)
+        self._layer_swap_module = module_name
+        try:
+            return original(self, module_name, *args, **kwargs)
+        finally:
+            self._layer_swap_module = self._layer_swap.info.module_name
+
+    return plan_module
 
 
 def _plan_layer(original):
@@ -175,7 +189,7 @@ def _plan_tensor(original):
 
         run: SwapRun = self._layer_swap
         recipe = run.recipe
-        layer = self._layer_swap_layer
+        layer = self._layer_swap_layer if self._layer_swap_module == run.info.module_name else VISION
         sources = recipe.rule.sources(layer, run.info.num_layers)
         with_base = sources.blends and recipe.base_model is not None and recipe.blend_needs_base
         keep = [
@@ -311,12 +325,15 @@ def _atomic_run_merge(original):
     def run_merge(merge_config, out_path, options, config_source=None, **kwargs):
         if not is_layer_swap(merge_config):
             return original(merge_config, out_path, options, config_source, **kwargs)
+        from mergekit_layerswap.adapter import lora_cache
         from mergekit_layerswap.adapter.output import Writeback, run_atomically
 
         global _WRITEBACK
         outer, _WRITEBACK = _WRITEBACK, Writeback()
         try:
-            return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
+            with lora_cache.active():
+                lora_cache.forget_loaded()
+                return run_atomically(original, merge_config, out_path, options, config_source, **kwargs)
         finally:
             _WRITEBACK.close()
             _WRITEBACK = outer
@@ -343,6 +360,26 @@ def _reading_ahead(original):
                 yield handle, value
 
     return _run
+
+
+def _converting_from_sources(original):
+    def _load_converted_tensor(self, loader):
+        if _WRITEBACK is None:  # not a layer_swap merge
+            return original(self, loader)
+        from mergekit.io.tasks import LoaderCache
+
+        from mergekit_layerswap.adapter.layout import load_converted, loader_sources
+
+        model_type = self.model.config(trust_remote_code=LoaderCache().trust_remote_code).model_type
+        by_target = loader_sources(loader, model_type)
+        for target in [self.tensor] + list(self.aliases or []):
+            if by_target.get(target) and target not in by_target[target]:
+                tensor = load_converted(loader, model_type, by_target[target], target, self.device or "cpu")
+                if tensor is not None:
+                    return tensor
+        return original(self, loader)
+
+    return _load_converted_tensor
 
 
 def _writing_back(original):
@@ -408,11 +445,28 @@ def _checking_stages(original):
     return load_config
 
 
+def _checking_stage_outputs(original):
+    def make_tasks(*args, **kwargs):
+        tasks = original(*args, **kwargs)
+        from mergekit_layerswap.adapter.output import check_stage_output
+
+        for task in tasks:  # every layer_swap stage, before the first stage runs
+            if _stage_is_layer_swap(task):
+                check_stage_output(task.out_path, task.config_yaml, task.options, task.lazy)
+        return tasks
+
+    return make_tasks
+
+
+def _stage_is_layer_swap(task) -> bool:
+    import yaml
+
+    return (yaml.safe_load(task.config_yaml) or {}).get("merge_method") == METHOD_NAME
+
+
 def _lazy_only_when_unchanged(original):
     def execute(self, **kwargs):
-        import yaml
-
-        if not self.lazy or (yaml.safe_load(self.config_yaml) or {}).get("merge_method") != METHOD_NAME:
+        if not self.lazy or not _stage_is_layer_swap(self):
             return original(self, **kwargs)
         from mergekit_layerswap.adapter.output import stored_config_matches
 

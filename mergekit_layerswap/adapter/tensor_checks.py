@@ -27,6 +27,7 @@ from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import RecipeError
 
 NON_LAYER = "non_layer"
+VISION = "vision"  # core.layers.VISION: outside a vision-language model's text decoder
 HOW_TO_MERGE = (
     "merge with a recipe through mergekit-yaml (or mergekit.merge.run_merge), or pass "
     "layer_index and num_layers explicitly"
@@ -42,6 +43,8 @@ def layer_position(layer_index, num_layers, name: Optional[str]) -> Optional[int
         )
     if layer_index == NON_LAYER:
         return None
+    if layer_index == VISION:
+        return VISION
     if num_layers is None or not 0 <= layer_index < num_layers:
         raise RecipeError(
             f"{METHOD_NAME}: tensor {name} has layer_index {layer_index} but num_layers is "

@@ -57,6 +57,9 @@ def demo_command(root, out, steps, full, rebuild):
         raise click.BadParameter(
             f"{out} would overwrite the demo's own files; choose another directory", param_hint="'--out'"
         )
+    from mergekit_layerswap.adapter.output import check_target
+
+    check_target(out, os.path.realpath(out))  # before minutes of building: an --out that is not a merge is refused
     recipe = find_recipe()
     settings = DemoSettings.full(steps) if full else DemoSettings(**({"steps": steps} if steps else {}))
     times = StepTimes()

@@ -9,10 +9,11 @@ import click
 def _device(ctx, param, cuda: bool) -> str:
     if not cuda:
         return "cpu"
-    import torch  # only when asked for: `--help` stays fast
+    from mergekit_layerswap.adapter.devices import device_problem  # imports torch: `--help` stays fast
 
-    if not torch.cuda.is_available():
-        raise click.BadParameter("no CUDA device is available; drop --cuda", ctx=ctx, param=param)
+    problem = device_problem("cuda")
+    if problem is not None:
+        raise click.BadParameter(f"no CUDA device is available: {problem}; drop --cuda", ctx=ctx, param=param)
     return "cuda"
 
 

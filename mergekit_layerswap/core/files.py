@@ -42,6 +42,18 @@ def file_identity(path: str) -> dict:
     }
 
 
+def directory_identity(model, local_path: str, suffixes=None) -> dict:
+    """The identity of a model directory: its name, resolved path and ``file_identity`` of
+    each top-level entry (only names ending in one of ``suffixes``, when given). Any
+    rewrite of one of those files changes it (the magnitude cache and the LoRA merge cache
+    are keyed by it)."""
+    files = []
+    for name in sorted(os.listdir(local_path)):
+        if suffixes is None or name.endswith(suffixes):
+            files.append([name, file_identity(os.path.join(local_path, name))])
+    return {"model": str(model), "path": os.path.abspath(local_path), "files": files}
+
+
 def looks_like_hub_id(path: str) -> bool:
     """``org/name`` that is not a local path: what mergekit would look up on the Hub."""
     return not os.path.exists(path) and path.count("/") == 1 and not path.startswith((".", "/", "~"))

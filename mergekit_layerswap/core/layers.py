@@ -23,11 +23,12 @@ this module implements.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from mergekit_layerswap.core.parameters import DEFAULTS
 
 LANGUAGE = "language"
+VISION = "vision"  # the position of a tensor outside a vision-language model's text decoder
 TASK = "task"
 BLEND = "blend"
 ROLES = (TASK, LANGUAGE)
@@ -72,16 +73,19 @@ def role_shares(
     zones: SwapZones,
     non_layer: str = "average",
     transition_shape: str = "flat",
+    vision: str = DEFAULTS["vision"],
 ) -> Dict[str, float]:
     """Share of the mixing weight each role gets for one tensor, before the
     experts' own weights apply. ``layer=None`` marks a non-layer tensor
-    (embeddings, final norm, lm_head, anything outside the layer templates)."""
-    if layer is None:
-        if non_layer == "average":
+    (embeddings, final norm, lm_head, anything outside the layer templates);
+    ``layer=VISION`` a vision-language model's vision tower or projector tensor."""
+    if layer is None or layer == VISION:
+        policy, name = (non_layer, "non_layer") if layer is None else (vision, "vision")
+        if policy == "average":
             return {TASK: 0.5, LANGUAGE: 0.5}
-        if non_layer in ROLES:
-            return {role: float(role == non_layer) for role in ROLES}
-        raise ValueError(f"unknown non_layer policy {non_layer!r}")
+        if policy in ROLES:
+            return {role: float(role == policy) for role in ROLES}
+        raise ValueError(f"unknown {name} policy {policy!r}")
     if num_layers is None:
         raise ValueError("num_layers is required for a layer tensor")
     source = layer_source(layer, num_layers, zones)
@@ -124,16 +128,19 @@ class TensorSources:
 
 @dataclass(frozen=True)
 class SwapRule:
-    """A recipe's rule: its zones, its non-layer choice and its transition shape."""
+    """A recipe's rule: its zones, its non-layer and vision choices and its transition shape."""
 
     zones: SwapZones = SwapZones()
     non_layer: str = DEFAULTS["non_layer"]
     transition_shape: str = DEFAULTS["transition_shape"]
+    vision: str = DEFAULTS["vision"]
 
-    def sources(self, layer: Optional[int], num_layers: Optional[int]) -> TensorSources:
+    def sources(self, layer: Union[int, str, None], num_layers: Optional[int]) -> TensorSources:
         """For the tensor of decoder layer ``layer`` of ``num_layers`` (``None``: a
-        non-layer tensor)."""
-        return TensorSources(role_shares(layer, num_layers, self.zones, self.non_layer, self.transition_shape))
+        non-layer tensor; ``VISION``: a vision tower or projector tensor)."""
+        return TensorSources(
+            role_shares(layer, num_layers, self.zones, self.non_layer, self.transition_shape, self.vision)
+        )
 
     def source(self, layer: int, num_layers: int) -> str:
         """``language``, ``task`` or ``blend`` for decoder layer ``layer``."""

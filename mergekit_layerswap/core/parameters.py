@@ -119,6 +119,16 @@ PARAMETERS: Tuple[Parameter, ...] = (
         choices=("average", "language", "task"),
     ),
     Parameter(
+        "vision",
+        MERGE,
+        CHOICE,
+        "language",
+        "`language` \\| `task` \\| `average` (`language`)",
+        "vision-language models: the vision tower and projector, taken from that expert or averaged "
+        "(see Architectures)",
+        choices=("language", "task", "average"),
+    ),
+    Parameter(
         "transition_shape",
         MERGE,
         CHOICE,

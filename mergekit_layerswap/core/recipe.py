@@ -42,6 +42,7 @@ class SwapRecipe:
     zones: SwapZones = field(default_factory=SwapZones)
     weighting: str = DEFAULTS["weighting"]
     non_layer: str = DEFAULTS["non_layer"]
+    vision: str = DEFAULTS["vision"]
     transition_shape: str = DEFAULTS["transition_shape"]
     blend_method: str = DEFAULTS["blend_method"]
     blend_options: Tuple[Tuple[str, Any], ...] = ()
@@ -64,7 +65,7 @@ class SwapRecipe:
     @property
     def rule(self) -> SwapRule:
         """The layer rule this recipe sets (``core/layers.py``)."""
-        return SwapRule(self.zones, self.non_layer, self.transition_shape)
+        return SwapRule(self.zones, self.non_layer, self.transition_shape, self.vision)
 
     def role_of(self, model) -> Optional[str]:
         for e in self.experts:
@@ -192,6 +193,7 @@ def parse_recipe(config, check_blend: Optional[BlendChecker] = None) -> SwapReci
         zones=SwapZones(*(shared[name] for name in ZONE_PARAMETERS)),
         weighting=shared["weighting"],
         non_layer=shared["non_layer"],
+        vision=shared["vision"],
         transition_shape=shared["transition_shape"],
         blend_method=shared["blend_method"],
         blend_options=blend_options,

@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: LGPL-3.0-only
 """Where did each expert change? Per-tensor row statistics against the base (paper §3.2).
 
-For every floating-point 1-D or 2-D tensor an expert stores, the row value is
-``mean |expert - base|`` over one row (a 1-D tensor is one row), exactly as
+For every floating-point 1-D, 2-D or 3-D tensor an expert stores, the row value is
+``mean |expert - base|`` over one row (a 1-D tensor is one row; a fused 3-D
+mixture-of-experts tensor's rows are each expert matrix's rows), exactly as
 ``magnitude.stream_row_mavs`` computes it while reading one tensor of each model at a
 time through mergekit's lazy loader. Only the small per-row vectors are kept (about
 1.7 million floats for an 8B Llama), so a large model is analysed on a laptop.
@@ -100,13 +101,16 @@ class ExpertDelta:
 
     def share_grid(self, threshold: float) -> np.ndarray:
         """[layer, column] share of rows above ``threshold`` (NaN where nothing is stored)."""
-        grid = np.full((self.num_layers, len(self.columns)), np.nan)
+        above = np.zeros((self.num_layers, len(self.columns)))
+        rows = np.zeros((self.num_layers, len(self.columns)))
         index = {column: i for i, column in enumerate(self.columns)}
-        for name, values in self.row_mavs.items():
+        for name, values in self.row_mavs.items():  # several per cell: one 2-D tensor per expert
             place = self.places[name]
             if place.matrix:
-                grid[place.layer, index[place.parameter]] = float((values > threshold).mean())
-        return grid
+                above[place.layer, index[place.parameter]] += int((values > threshold).sum())
+                rows[place.layer, index[place.parameter]] += values.size
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(rows > 0, above / np.maximum(rows, 1), np.nan)
 
 
 # ---------------------------------------------------------------- parameter names
@@ -164,25 +168,33 @@ def _layer_templates(info, module) -> List[str]:
 
 
 def tensor_places(info, model, shapes: Dict[str, Tuple[Tuple[int, ...], str]]) -> Tuple[Dict[str, Place], List[str]]:
-    """Stored tensor name -> Place, and the heatmap columns in template order."""
+    """Stored tensor name -> Place, and the heatmap columns in template order. A
+    mixture-of-experts tensor stored one 2-D matrix per expert takes the place of the
+    fused 3-D tensor it is converted into; both count as matrices (their rows are the
+    experts' rows)."""
+    from mergekit_layerswap.adapter.layout import sources_by_target
+
     module = info.module(model)
     per_layer = [module.layer_weights(layer) for layer in range(info.num_layers)]
     templates = _layer_templates(info, module)
+    by_target = sources_by_target(info.model_type, shapes)
 
-    def stored_name(weight) -> Optional[str]:
-        return next((n for n in (weight.name,) + tuple(weight.aliases or ()) if n in shapes), None)
+    def stored_names(weight) -> List[str]:
+        for n in (weight.name,) + tuple(weight.aliases or ()):
+            if n in shapes:
+                return [n]
+        return next((by_target[n] for n in (weight.name,) + tuple(weight.aliases or ()) if n in by_target), [])
 
     matrix = []
     for position in range(len(templates)):
-        names = [stored_name(weights[position]) for weights in per_layer]
-        matrix.append(any(n is not None and len(shapes[n][0]) == 2 for n in names))
+        names = [n for weights in per_layer for n in stored_names(weights[position])]
+        matrix.append(any(len(shapes[n][0]) in (2, 3) for n in names))
     parameters = parameter_names(templates, matrix)
 
     places: Dict[str, Place] = {}
     for layer, weights in enumerate(per_layer):
         for position, weight in enumerate(weights):
-            name = stored_name(weight)
-            if name is not None:
+            for name in stored_names(weight):
                 places[name] = Place(layer, parameters[position], matrix[position])
     for name in shapes:
         places.setdefault(name, Place(None, name, False))

@@ -17,20 +17,16 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from mergekit_layerswap.adapter import mergekit_parts
-from mergekit_layerswap.adapter.header_checks import find_stored
+from mergekit_layerswap.adapter.header_checks import stored_sources
+from mergekit_layerswap.adapter.layout import load_weight, sources_by_target
 from mergekit_layerswap.adapter.tensor_checks import NON_LAYER
 
 BASE_ID = "__base__"
 
 
-def output_weights(run) -> List[Tuple[Any, Optional[int]]]:
-    """(WeightInfo, layer index or None) for every tensor mergekit would plan."""
-    module = run.info.module(run.recipe.donor)
-    rows = [(w, None) for w in module.pre_weights()]
-    for layer in range(run.info.num_layers):
-        rows += [(w, layer) for w in module.layer_weights(layer)]
-    rows += [(w, None) for w in module.post_weights()]
-    return rows
+def output_weights(run) -> List[Tuple[Any, Any]]:
+    """(WeightInfo, layer index, None or VISION) for every tensor mergekit would plan."""
+    return run.info.weights(run.recipe.donor)
 
 
 def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
@@ -47,15 +43,19 @@ class LoadedExperts:
         if run.recipe.base_model is not None and run.recipe.blend_needs_base:
             models.append(run.recipe.base_model)
         self.tensors: Dict[Any, Dict[str, torch.Tensor]] = {}
+        self.stored_weights: Dict[Any, set] = {}  # weights each model stores without tying
         for model in models:
             loader = mergekit_parts.loader(model)
             stored = loader.index.tensor_paths
+            by_target = sources_by_target(run.info.model_type, stored)
+            self.stored_weights[model] = {
+                w.name for w, _ in output_weights(run) if stored_sources(run.info, w, stored, False, by_target)
+            }
             own: Dict[str, torch.Tensor] = {}
             for weight, _layer in output_weights(run):
-                name = find_stored(weight, stored, with_tied=weight.optional)
-                if name is None:
+                tensor = load_weight(model, loader, weight, device, by_target, run.info.model_type)
+                if tensor is None:
                     continue
-                tensor = loader.get_tensor(name, device=device)
                 if self.dtype is not None and tensor.is_floating_point():
                     tensor = tensor.to(self.dtype)
                 own[weight.name] = tensor
@@ -63,7 +63,7 @@ class LoadedExperts:
             self.tensors[model] = own
 
     def stores(self, model, weight) -> bool:
-        return find_stored(weight, mergekit_parts.loader(model).index.tensor_paths, with_tied=False) is not None
+        return weight.name in self.stored_weights[model]
 
 
 def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> Iterator[Tuple[str, torch.Tensor]]:
@@ -77,7 +77,8 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
     for weight, layer in output_weights(run):
         if weight.optional and not any(experts.stores(e.model, weight) for e in recipe.experts):
             continue  # an untied lm_head no expert stores: the output stays tied
-        t = mergekit_parts.gradient_t(layer, info.num_layers)
+        # (a vision tower tensor gets t = 0; mergekit plans it with its own module's t)
+        t = mergekit_parts.gradient_t(layer if isinstance(layer, int) else None, info.num_layers)
         entries, roles, weights, magnitudes = [], {}, {}, {}
         for expert in recipe.experts:
             key = str(expert.model)
@@ -96,6 +97,7 @@ def assemble(run, experts: LoadedExperts, out_dtype: Optional[str] = None) -> It
             **dataclasses.asdict(recipe.zones),
             "weighting": recipe.weighting,
             "non_layer": recipe.non_layer,
+            "vision": recipe.vision,
             "transition_shape": recipe.transition_shape,
             "blend_method": recipe.blend_method,
             "blend_options": recipe.blend_options,

@@ -13,7 +13,7 @@ import os
 from typing import Any, Dict, List, Optional
 
 from mergekit_layerswap.core.errors import RecipeError
-from mergekit_layerswap.core.layers import BLEND, ROLES
+from mergekit_layerswap.core.layers import BLEND, ROLES, VISION
 from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
 from mergekit_layerswap.tools.recipe_file import load_config
 
@@ -51,10 +51,11 @@ def _bytes_to_read(run) -> Dict[str, Optional[int]]:
         if not _is_local(expert.model):
             result[str(expert.model)] = None
             continue
-        layers = info.layer_of(expert.model)
+        stored = stored_tensors(expert.model)
+        layers = info.stored_positions(expert.model, stored)
         needs_all = magnitude_pass and expert.model not in run.magnitudes
         total = 0
-        for name, (shape, dtype) in stored_tensors(expert.model).items():
+        for name, (shape, dtype) in stored.items():
             if needs_all or recipe.rule.sources(layers.get(name), info.num_layers).reads(expert.role):
                 total += tensor_bytes(shape, dtype)
         result[str(expert.model)] = total
@@ -117,6 +118,15 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
             }
         )
     non_layer_fractions, non_layer_resolved = mix(recipe.rule.sources(None, None))
+    vision = {}
+    if len(info.arch_info.modules) > 1:  # a vision-language model: tower and projector follow `vision`
+        fractions, resolved = mix(recipe.rule.sources(VISION, None))
+        vision = {
+            "vision": recipe.vision,
+            "vision_modules": [m for m in info.arch_info.modules if m != info.module_name],
+            "vision_mix": fractions,
+            "vision_mix_is_final": resolved,
+        }
     return {
         "recipe": path,
         "architecture": info.arch_info.architectures[0],
@@ -138,6 +148,7 @@ def explain(path: str, trust_remote_code: bool = False) -> Dict[str, Any]:
         "layers": layers,
         "non_layer_mix": non_layer_fractions,
         "non_layer_mix_is_final": non_layer_resolved,
+        **vision,
         "bytes_to_read": _bytes_to_read(run),
     }
 
@@ -186,6 +197,15 @@ def render_text(report: Dict[str, Any]) -> str:
             else ""
         )
     )
+    if "vision" in report:
+        lines.append(
+            f"  vision tower and projector ({', '.join(report['vision_modules'])}): {report['vision']}"
+            + (
+                f", {_mix_text(report['vision_mix'], report['vision_mix_is_final'])}"
+                if len(report["vision_mix"]) > 1
+                else ""
+            )
+        )
     lines.append(f"  config.json, tokenizer and generation config from: {report['config_from']}")
     lines.append("  bytes to read:")
     for model, n in report["bytes_to_read"].items():

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.layers import SwapZones
-from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
+from mergekit_layerswap.core.parameters import DEFAULTS, ZONE_PARAMETERS
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ def baseline_recipe(recipe, name: str, num_layers: int):
             zones=zones,
             weighting="uniform",
             non_layer="average",
+            vision="average",
             transition_shape="flat",
             blend_method="average",
             blend_options=(),
@@ -52,7 +53,7 @@ def baseline_recipe(recipe, name: str, num_layers: int):
         )
     role = "task" if name == "task-expert" else "language"
     zones = SwapZones(num_layers, 0, 0, 0) if role == "language" else SwapZones(0, 0, 0, 0)
-    return dataclasses.replace(recipe, zones=zones, non_layer=role)
+    return dataclasses.replace(recipe, zones=zones, non_layer=role, vision=role)
 
 
 def fingerprint(tensors: Dict[str, Any]) -> Dict[str, str]:
@@ -163,6 +164,7 @@ def _merge_to_disk(run, config) -> Dict[str, Any]:
             **dataclasses.asdict(recipe.zones),
             "weighting": recipe.weighting,
             "non_layer": recipe.non_layer,
+            **({"vision": recipe.vision} if recipe.vision != DEFAULTS["vision"] else {}),
             "transition_shape": recipe.transition_shape,
             "blend_method": recipe.blend_method,
             **{f"blend_{k}": v for k, v in recipe.blend_options},
