@@ -536,6 +536,79 @@ def test_explain_refuses_in_one_line(families, tmp_path):
         assert "Traceback" not in message
 
 
+# the merge's damaged-file cases, run through the commands that read models without merging
+DAMAGED_FILES = [
+    c
+    for c in CASES
+    if c[0]
+    in {
+        "truncated weights",
+        "truncated header",
+        "garbage weights",
+        "garbage header json",
+        "empty weights",
+        "damaged base weights",
+        "no weight file",
+        "missing shard",
+        "shard path with ..",
+        "absolute shard path",
+        "index not JSON",
+        "index names a tensor its shard lacks",
+    }
+]
+
+
+def _read_only_command(command: str, world: World, out: str) -> list:
+    models = {name: world.model(name) for name in ("base", "task", "lang")}
+    if command == "explain":
+        return ["explain", world.recipe]
+    if command == "analyze":
+        return [
+            "analyze",
+            "--base",
+            models["base"],
+            "--expert",
+            models["task"],
+            "--expert",
+            models["lang"],
+            "--out",
+            out,
+        ]
+    if command == "suggest":
+        return [
+            "suggest",
+            "--base",
+            models["base"],
+            "--task",
+            models["task"],
+            "--language",
+            models["lang"],
+            "--out",
+            out,
+        ]
+    text = os.path.join(world.root, "text.txt")
+    return ["sweep", world.recipe, "--grid", "bottom_layers=1", "--eval", f"perplexity:{text}", "--out", out]
+
+
+@pytest.mark.parametrize("command", ["explain", "analyze", "suggest", "sweep"])
+@pytest.mark.parametrize("change,words", [c[1:] for c in DAMAGED_FILES], ids=[c[0] for c in DAMAGED_FILES])
+def test_commands_check_files_as_a_merge_does(families, tmp_path, command, change, words):
+    """explain, analyze, suggest and sweep refuse a damaged model in the merge's own line,
+    before mergekit's tensor index opens the file (it used to raise a safetensors traceback)."""
+    from mergekit_layerswap.cli.main import main
+
+    assert len(DAMAGED_FILES) == 12
+    world = make_world(families, tmp_path)
+    with open(os.path.join(world.root, "text.txt"), "w") as handle:
+        handle.write(" ".join(f"w{i % 90 + 1}" for i in range(40)))
+    change(world)
+    write(world)
+    before = _digest(world.root)
+    out = str(tmp_path / "out")
+    result = CliRunner().invoke(main, _read_only_command(command, world, out))
+    check_refusal(result, out, before, world, words)
+
+
 def _script(name: str) -> str:
     return os.path.join(os.path.dirname(sys.executable), name)
 
@@ -563,6 +636,11 @@ def test_installed_scripts_refuse_without_traceback(families, tmp_path):
     )
     _assert_one_stderr_line(run, "task/model.safetensors", "truncated")
     assert not (tmp_path / "out").exists() and _digest(world.root) == before
+    run = subprocess.run(  # the dry run users try first says the same (issue 20: it raised a traceback)
+        [_script("mergekit-layerswap"), "explain", world.recipe], capture_output=True, text=True, env=env
+    )
+    _assert_one_stderr_line(run, "task/model.safetensors", "truncated")
+    assert _digest(world.root) == before
 
     world.text = MULTI
     write(world)

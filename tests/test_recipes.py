@@ -279,7 +279,8 @@ def test_recipe_parses_as_mergekit_configuration_without_dropped_keys(rel, doc):
 @pytest.mark.parametrize("rel, doc", [d for d in DOCUMENTS if _is_swap(*d.values) and d.values[0] not in NEW_BASES])
 def test_layer_swap_recipe_validates_on_llama31_shape(rel, doc, synthetic):
     local, back = _localised(doc, synthetic)
-    run = prepare(MergeConfiguration.model_validate(local))
+    # the synthetic models are Llama-3.1-8B configs without weights: no weight file to check
+    run = prepare(MergeConfiguration.model_validate(local), check_files=False)
     assert run.info.num_layers == 32
 
     # the zones mergekit-layerswap will use are the ones the file spells out

@@ -188,10 +188,19 @@ def _check_file(path: str) -> Optional[Dict[str, Any]]:
 
 
 def check_weight_files(model) -> None:
-    """A local model's weight files, as mergekit's loader will find them, are complete."""
+    """A local model's weight files, as mergekit's loader will find them, are complete; so
+    is its LoRA adapter, if it has one (``check_adapter_files``)."""
     directory = _local_dir(model.model.path)
     if directory is None:
         return  # a Hub id: mergekit downloads it
+    stored = _check_model_directory(model, directory)
+    if model.lora is not None:
+        check_adapter_files(model, stored)
+
+
+def _check_model_directory(model, directory: str) -> Optional[Dict[str, Any]]:
+    """The model's stored tensors (name -> safetensors header entry) once its files are
+    checked; None when a pickled ``.bin`` file holds some of them."""
     chosen = next(
         (
             os.path.join(directory, n)
@@ -207,8 +216,7 @@ def check_weight_files(model) -> None:
         )
     index_path = chosen + ".index.json"
     if not os.path.exists(index_path):
-        _check_file(chosen)
-        return
+        return _check_file(chosen)
     try:
         with open(index_path, encoding="utf-8") as handle:
             weight_map = json.load(handle)["weight_map"]
@@ -224,12 +232,81 @@ def check_weight_files(model) -> None:
                 f"relative names inside the model directory (no `..`, no absolute path); fix the index"
             )
         shards.setdefault(shard, []).append(tensor)
+    stored: Optional[Dict[str, Any]] = {}
     for shard, tensors in sorted(shards.items()):
         path = os.path.join(directory, shard)
         if not os.path.exists(path):
             raise RecipeError(f"shard {path} named by {index_path} is missing; {_FIX}")
         header = _check_file(path)
-        if header is not None:
-            absent = [t for t in tensors if t not in header]
-            if absent:
-                raise RecipeError(f"index {index_path} puts {absent[0]} in {path}, which does not hold it; {_FIX}")
+        if header is None:
+            stored = None
+            continue
+        absent = [t for t in tensors if t not in header]
+        if absent:
+            raise RecipeError(f"index {index_path} puts {absent[0]} in {path}, which does not hold it; {_FIX}")
+        if stored is not None:
+            stored.update(header)
+    return stored
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what peft loads, in its order
+_ADAPTER_FIX = "use the adapter with the model it was trained on, or re-save it with peft's save_pretrained"
+
+
+def check_adapter_files(model, stored: Optional[Dict[str, Any]]) -> None:
+    """A local LoRA adapter (``model+adapter``) before mergekit merges it with peft, which
+    answers a missing or damaged file, a rank that contradicts its config or an adapter
+    trained on another model with a traceback (and an empty LoRA merge cache entry).
+    ``stored``: the base model's header entries, None when they are not known (``.bin``)."""
+    adapter = model.lora.path
+    where = f"LoRA adapter {adapter} of {model.model.path}"
+    if not os.path.isdir(adapter):
+        if os.path.exists(adapter) or adapter.count("/") != 1 or adapter.startswith((".", "/", "~")):
+            raise RecipeError(f"{where} is not a directory; after `+` give the directory peft's save_pretrained wrote")
+        return  # a Hub id: peft downloads it
+    config_path = os.path.join(adapter, ADAPTER_CONFIG)
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise RecipeError(f"{where} has no {ADAPTER_CONFIG}; {_ADAPTER_FIX}") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise RecipeError(f"{where}: {config_path} is damaged (not a JSON mapping with an integer `r`); {_ADAPTER_FIX}")
+    weights = next(
+        (os.path.join(adapter, n) for n in ADAPTER_WEIGHTS if os.path.exists(os.path.join(adapter, n))), None
+    )
+    if weights is None:
+        raise RecipeError(f"{where} has no weight file ({' or '.join(ADAPTER_WEIGHTS)}); {_ADAPTER_FIX}")
+    header = _check_file(weights)
+    if header is None or stored is None:
+        return
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        modules = {name.rsplit(".", 1)[0] for name in stored}
+        missing = [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+        if missing:
+            raise RecipeError(f"{where} targets modules the model does not have ({', '.join(missing)}); {_ADAPTER_FIX}")
+    uniform_rank = not config.get("rank_pattern")
+    for name, entry in header.items():
+        stem, dot, part = name.rpartition(".lora_")
+        if not dot or part not in ("A.weight", "B.weight"):
+            continue
+        module = stem.removeprefix("base_model.model.")
+        shape, target = entry["shape"], stored.get(module + ".weight")
+        rank = shape[0] if part == "A.weight" else shape[-1]
+        if uniform_rank and rank != config["r"]:
+            raise RecipeError(
+                f"{where}: {name} has rank {rank} but {ADAPTER_CONFIG} says r={config['r']}; {_ADAPTER_FIX}"
+            )
+        if target is None:
+            raise RecipeError(f"{where}: {name} adapts {module}, which the model does not have; {_ADAPTER_FIX}")
+        expected = target["shape"][-1] if part == "A.weight" else target["shape"][0]
+        got = shape[-1] if part == "A.weight" else shape[0]
+        if len(shape) != 2 or len(target["shape"]) != 2 or got != expected:
+            raise RecipeError(
+                f"{where} does not fit the model: {name} is {list(shape)} but {module}.weight is "
+                f"{list(target['shape'])}; {_ADAPTER_FIX}"
+            )

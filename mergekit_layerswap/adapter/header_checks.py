@@ -109,8 +109,11 @@ def _read_config(model, trust_remote_code: bool):
         raise RecipeError(f"cannot read config.json of {model}: {first_line}") from None
 
 
-def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsInfo:
-    """Read every model's config.json and check they can be layer-swapped."""
+def read_models(recipe: SwapRecipe, trust_remote_code: bool = False, check_files: bool = True) -> ModelsInfo:
+    """Read every model's config.json and check they can be layer-swapped, then check their
+    weight files (``check_model_files``): every command that reads a model (a merge,
+    ``explain``, ``analyze``, ``suggest``, ``sweep``) comes through here before mergekit's
+    tensor index opens a file."""
     from mergekit.architecture import arch_info_for_config
 
     from mergekit_layerswap.adapter.file_checks import check_distinct_models
@@ -161,12 +164,13 @@ def read_models(recipe: SwapRecipe, trust_remote_code: bool = False) -> ModelsIn
     num_layers = counts[first]
     info = ModelsInfo(arch_info=arch_info, module_name=module_name, configs=configs, num_layers=num_layers)
     check_zone_fit(recipe.zones, num_layers, info.layer_names(first) if recipe.zones.per_module else ())
+    if check_files:
+        check_model_files(recipe)
     return info
 
 
 def check_model_files(recipe: SwapRecipe) -> None:
-    """Every local model's weight files are complete and safe to open (headers only);
-    run before a merge's loader opens them (``explain`` reads configs only)."""
+    """Every local model's weight files are complete and safe to open (headers only)."""
     from mergekit_layerswap.adapter.file_checks import check_weight_files
 
     for model in _all_models(recipe):

@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from mergekit_layerswap.adapter.readahead import Readahead, SafetensorsOffsets, tensor_range
-from mergekit_layerswap.core.errors import RecipeError
+from mergekit_layerswap.core.environment import env_flag
+from mergekit_layerswap.core.errors import OptionError, RecipeError
 from mergekit_layerswap.core.files import atomic_file, directory_identity
 
 LOG = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ def cache_dir() -> str:
 
 
 def cache_enabled() -> bool:
-    return os.environ.get("MERGEKIT_LAYERSWAP_NO_CACHE", "").lower() not in ("1", "true", "yes")
+    return not env_flag("MERGEKIT_LAYERSWAP_NO_CACHE")
 
 
 def _identity(model, local_path: str) -> dict:
@@ -303,9 +304,25 @@ def _store(expert, base, stat: MagnitudeStat) -> None:
         LOG.warning("magnitude cache %s cannot be written (%s); the statistic is not cached", path, error)
 
 
+def check_cache_location(models: Sequence) -> None:
+    """The cache is never a model directory or inside one: its entries would be new files
+    in an input, which a merge never changes."""
+    if not cache_enabled():
+        return
+    cache = os.path.realpath(cache_dir())
+    for model in models:
+        place = os.path.realpath(local_path(model))
+        if cache == place or cache.startswith(place.rstrip(os.sep) + os.sep):
+            raise OptionError(
+                f"MERGEKIT_LAYERSWAP_CACHE={cache_dir()} lies in the directory of model {model}, which "
+                f"the cache would add files to; point it at a directory of its own (or unset it)"
+            )
+
+
 def magnitudes(experts: Sequence, base, device: str = "cpu", quiet: bool = True) -> Dict[object, MagnitudeStat]:
     """Each expert's mean row change against ``base``: from the cache when possible, the
     rest in one pass that reads the base and each uncached expert once."""
+    check_cache_location([*experts, base])
     out: Dict[object, MagnitudeStat] = {}
     missing = []
     for expert in experts:

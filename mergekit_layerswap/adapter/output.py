@@ -38,6 +38,7 @@ import threading
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from mergekit_layerswap.adapter.ownership import write_record
+from mergekit_layerswap.core.environment import env_flag
 from mergekit_layerswap.core.errors import OutputError
 
 LOG = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ _FINAL_NAMES: Dict[str, str] = {}
 
 
 def replace_opted_in() -> bool:
-    return os.environ.get(REPLACE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return env_flag(REPLACE_ENV)
 
 
 def card_name(name: Optional[str]) -> Optional[str]:

@@ -26,6 +26,7 @@ from typing import Any, Dict, Optional, Tuple
 from mergekit_layerswap.adapter import tensor_checks
 from mergekit_layerswap.adapter.tensor_checks import NON_LAYER, VISION
 from mergekit_layerswap.core import METHOD_NAME
+from mergekit_layerswap.core.environment import env_flag
 
 LOG = logging.getLogger(__name__)
 
@@ -63,14 +64,15 @@ def parse(config):
     return parse_recipe(config, check_blend)
 
 
-def prepare(config, trust_remote_code: bool = False) -> SwapRun:
-    """Validate a layer_swap MergeConfiguration from the recipe and config.json files."""
+def prepare(config, trust_remote_code: bool = False, check_files: bool = True) -> SwapRun:
+    """Validate a layer_swap MergeConfiguration from the recipe, the config.json files and
+    (unless ``check_files`` is False: configs without weights) the weight files' headers."""
     from mergekit_layerswap.adapter.header_checks import read_models
     from mergekit_layerswap.adapter.recipe_text_schema import check_dtypes
 
     recipe = parse(config)
     check_dtypes(config)
-    run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code))
+    run = SwapRun(recipe=recipe, info=read_models(recipe, trust_remote_code, check_files))
     _RUNS[id(config)] = (config, run)
     return run
 
@@ -81,7 +83,7 @@ def run_for(config) -> Optional[SwapRun]:
 
 
 def read_all() -> bool:
-    return os.environ.get("MERGEKIT_LAYERSWAP_READ_ALL", "").lower() in ("1", "true", "yes")
+    return env_flag("MERGEKIT_LAYERSWAP_READ_ALL")
 
 
 def resolve_magnitudes(run: SwapRun, device: str = "cpu", quiet: bool = True) -> None:
@@ -284,12 +286,13 @@ def _validating_architecture_info(original):
     def get_architecture_info(config, options):
         if not is_layer_swap(config):
             return original(config, options)
-        from mergekit_layerswap.adapter.header_checks import check_model_files
+        from mergekit_layerswap.adapter.magnitude import cache_enabled
+        from mergekit_layerswap.adapter.output import replace_opted_in
         from mergekit_layerswap.adapter.readahead import window_bytes
 
-        window_bytes()  # a bad MERGEKIT_LAYERSWAP_READAHEAD_MB is refused before anything is written
-        run = prepare(config, options.trust_remote_code)
-        check_model_files(run.recipe)  # before mergekit's loader warm-up opens them
+        # a bad MERGEKIT_LAYERSWAP_* value is refused before anything is read or written
+        window_bytes(), read_all(), cache_enabled(), replace_opted_in()
+        run = prepare(config, options.trust_remote_code)  # weight files too, before mergekit's loader opens them
         return run.info.arch_info
 
     return get_architecture_info

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 import click
+import numpy as np
 
 from mergekit_layerswap.cli.options import device_option
 from mergekit_layerswap.core.files import looks_like_hub_id
@@ -78,6 +79,12 @@ def _check_distinct(base, models, hint: str) -> None:
         seen.add(model)
 
 
+def _unchanged(delta) -> bool:
+    """Every row of every decoder-layer tensor equals the base's (an expert saved before training)."""
+    profile = delta.layer_profile()
+    return bool((profile[~np.isnan(profile)] == 0).all())
+
+
 @click.command("analyze")
 @click.option("--base", required=True, type=MODEL, help="The model the experts were fine-tuned from.")
 @click.option(
@@ -122,6 +129,8 @@ def analyze_command(base, experts, out_dir, thresholds, heatmap_threshold, devic
         click.echo(
             f"{delta.name}: {delta.model}, {delta.num_layers} layers, auto threshold {delta.auto_threshold():.3g}"
         )
+        if _unchanged(delta):
+            click.echo(f"{delta.name}: no decoder layer differs from --base {base}; is this the fine-tuned expert?")
     for path in written:
         click.echo(f"wrote {path}")
 
@@ -163,7 +172,13 @@ def suggest_command(base, task, language, out_path, no_clip, per_module, device,
         else:
             result = suggest.suggest_zones(language_delta.layer_profile(), task_delta.layer_profile(), clip=not no_clip)
     except ValueError as error:
-        raise click.ClickException(f"{error}; both experts must be fine-tuned away from --base") from None
+        reason = str(error)
+        same = [f"{option} {d.model}" for option, d in (("--task", task_delta), ("--language", language_delta))]
+        same = [name for name, d in zip(same, (task_delta, language_delta)) if _unchanged(d)]
+        if same:
+            verb = "do" if len(same) > 1 else "does"
+            reason = f"{' and '.join(same)} {verb} not differ from --base {base} in any decoder layer"
+        raise click.ClickException(f"{reason}; both experts must be fine-tuned away from --base") from None
     # the table goes to stderr when the recipe itself goes to stdout (`suggest ... > recipe.yaml`)
     click.echo(suggest.reasoning(result, language_delta.name, task_delta.name), err=not out_path)
     text = suggest.recipe_text(result, task, language, base)

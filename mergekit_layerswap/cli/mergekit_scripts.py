@@ -27,9 +27,11 @@ def as_click_error(error: LayerSwapError) -> click.ClickException:
     return click.ClickException(str(error))
 
 
-def _check_recipe_file(script_name: str, config_file) -> None:
-    """Check a layer_swap recipe file before mergekit reads it (other files: nothing)."""
+def _check_recipe_file(script_name: str, config_file, options) -> None:
+    """Check a layer_swap recipe file (and mergekit's options for it) before mergekit reads
+    it or applies the options (other files: nothing)."""
     from mergekit_layerswap.adapter.recipe_text_schema import read_multi_recipe_text, read_recipe_text
+    from mergekit_layerswap.core.recipe_text_checks import mentions_layer_swap
 
     if not isinstance(config_file, str):
         return
@@ -42,6 +44,16 @@ def _check_recipe_file(script_name: str, config_file) -> None:
         read_multi_recipe_text(text, config_file)
     else:
         read_recipe_text(text, config_file)
+    if not mentions_layer_swap(text):
+        return
+    out = options.get("out_path")
+    if isinstance(out, str) and not out.strip():
+        # it would resolve to the current directory
+        raise OptionError("the output path is empty; give the directory the merge should be written to")
+    threads = options.get("num_threads")
+    if threads is not None and threads < 1:
+        # mergekit passes it to torch.set_num_threads, which raises a RuntimeError
+        raise OptionError(f"-j/--num-threads is {threads}; give a number of threads of at least 1, or leave it out")
 
 
 def translating(callback, script_name: str = ""):
@@ -53,7 +65,7 @@ def translating(callback, script_name: str = ""):
     def run(*args, **kwargs):
         try:
             if script_name:
-                _check_recipe_file(script_name, kwargs.get("config_file"))
+                _check_recipe_file(script_name, kwargs.get("config_file"), kwargs)
             return callback(*args, **kwargs)
         except LayerSwapError as error:
             raise as_click_error(error) from None

@@ -69,8 +69,11 @@ def _is_built(path: str, parameters: dict) -> bool:
     marker = os.path.join(path, MARKER)
     if not os.path.isfile(marker) or not os.path.isfile(os.path.join(path, "model.safetensors")):
         return False
-    with open(marker) as handle:
-        return json.load(handle) == parameters
+    try:
+        with open(marker) as handle:
+            return json.load(handle) == parameters
+    except (OSError, ValueError):  # damaged: build it again
+        return False
 
 
 def _build(path: str, parameters: dict, make: Callable[[str], None]) -> None:

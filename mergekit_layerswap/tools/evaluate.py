@@ -55,19 +55,39 @@ def final_number(text: str) -> Optional[float]:
         return None
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs) -> Dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(key)
+    return dict(pairs)
+
+
 def read_jsonl(
     path: str, accept: Callable[[Dict[str, Any]], bool], needs: str, limit: Optional[int] = None
 ) -> List[Dict[str, Any]]:
-    """The JSON objects of a JSONL file (blank lines skipped), each checked by ``accept``;
-    a line that is not JSON, not an object or not accepted is refused naming the line."""
+    """The JSON objects of a JSONL file (blank lines skipped; a UTF-8 byte order mark and
+    CRLF line ends are fine), each checked by ``accept``; a line that is not JSON, not an
+    object, names a key twice (JSON keeps the last silently) or is not accepted is refused
+    naming the line."""
     rows: List[Dict[str, Any]] = []
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             for number, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line, object_pairs_hook=_unique_keys)
+                except _DuplicateKey as error:
+                    raise DataError(
+                        f"{path} line {number} gives {error.key!r} twice; keep one (JSON would silently use the last)"
+                    ) from None
                 except ValueError as error:
                     raise DataError(
                         f"{path} line {number} is not valid JSON ({error.msg}); write one JSON object per line"
@@ -125,8 +145,7 @@ def read_mgsm(path: str, limit: Optional[int] = None, num_fewshot: Optional[int]
     train = exemplars_path(path)
     if not os.path.isfile(train):
         raise DataError(f"{train} (the exemplars of {path}) does not exist")
-    with open(train, encoding="utf-8") as handle:
-        exemplars = [json.loads(line) for line in handle if line.strip()]
+    exemplars = read_jsonl(train, lambda row: True, "")
     shots = len(exemplars) if num_fewshot is None else num_fewshot
     if shots > len(exemplars):
         raise OptionError(
@@ -188,7 +207,7 @@ def exact_match(
 def perplexity(model, tokenizer, path: str, limit: Optional[int] = None, window: int = 512) -> Score:
     import torch
 
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8-sig") as handle:  # a byte order mark is not text to score
         text = handle.read()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if limit is not None:
@@ -238,6 +257,16 @@ def task_manager(tasks_path: Optional[str], task: Optional[str] = None):
     return _TASK_MANAGERS[("all", path)]
 
 
+def check_lm_eval_task(task: str, tasks_path: Optional[str] = None):
+    """The TaskManager that knows ``task``; an unknown task is refused (a sweep asks before it
+    builds a candidate or creates its --out directory)."""
+    manager = task_manager(tasks_path, task)
+    if task not in manager.all_tasks:
+        where = f" or in {tasks_path}" if tasks_path else " (add --tasks-path DIR for a local task)"
+        raise OptionError(f"lm-eval has no task {task!r}{where}", "--eval")
+    return manager
+
+
 def run_lm_eval(
     model,
     tokenizer,
@@ -251,13 +280,10 @@ def run_lm_eval(
     log_samples: bool = False,
 ) -> Dict[str, Any]:
     """lm-eval's ``simple_evaluate`` on the model in memory; returns its results dict."""
-    manager = task_manager(tasks_path, task)
+    manager = check_lm_eval_task(task, tasks_path)
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    if task not in manager.all_tasks:
-        where = f" or in {tasks_path}" if tasks_path else " (add --tasks-path DIR for a local task)"
-        raise OptionError(f"lm-eval has no task {task!r}{where}", "--eval")
     if tokenizer.eos_token_id is None:
         raise DataError(
             "lm-eval needs a tokenizer with an end-of-sequence token (its stop sequences include it); "

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from mergekit_layerswap.core import METHOD_NAME
 from mergekit_layerswap.core.errors import OptionError, RecipeError
+from mergekit_layerswap.core.files import atomic_write_text
 from mergekit_layerswap.core.layers import SwapZones
 from mergekit_layerswap.core.parameters import CHOICE_PARAMETERS, SWEEPABLE, SYMBOLS, ZONE_PARAMETERS
 from mergekit_layerswap.core.recipe import check_zone_fit
@@ -192,62 +193,65 @@ def run_sweep(
     models = list(run.recipe.models) + ([run.recipe.base_model] if run.recipe.base_model is not None else [])
     record = sweep_record(recipe_path, models, evaluator, strategy.describe(rungs), grid, baselines, device)
     results = ResultsFile(out_dir, record, restart=restart)
-    done = len(results.rows)
-    if done:
-        echo(f"resuming: {done} evaluations already in {results.path}")
-
-    if ray is not None:
-        from mergekit_layerswap.tools.sweep_ray import RayBackend
-
-        backend = RayBackend(ray, recipe_path, run, device, echo=echo, quiet=quiet)
-    else:
-        backend = SerialBackend(recipe_path, run, device, echo)
-    names = [c.name for c in swaps]
-    alive = list(swaps)
-    total = sum(r.candidates for r in rungs) + len(extra)
     try:
-        with tqdm.tqdm(total=total, initial=min(done, total), desc="Sweep", disable=quiet) as bar:
-            for index, rung in enumerate(rungs):
-                final = index == len(rungs) - 1
-                batch = alive + (extra if final else [])
-                pending = [c for c in batch if results.get(c.name, index) is None]
-                rung_evaluator = evaluator.with_limit(rung.limit)
-                for candidate, score in backend.evaluate_all(pending, rung_evaluator):
-                    row = results.add(candidate, score, rung=index, limit=rung.limit)
-                    where = f" (rung {index}, {score.count} items)" if len(rungs) > 1 else ""
-                    status = "" if row["status"] == "ok" else f"  [{row['status']}]"
-                    echo(f"{candidate.name}: {score.metric} = {score.value:.6g}{where}{status}")
-                    bar.update(1)
-                if not final:
-                    keep = {
-                        r["name"] for r in results.ranked(index, [c.name for c in alive])[: rungs[index + 1].candidates]
-                    }
-                    bar.total -= rungs[index + 1].candidates - len(keep)  # failures are not promoted
-                    bar.refresh()
-                    alive = [c for c in alive if c.name in keep]
-        final_rung = len(rungs) - 1
-        best_score = results.best(final_rung, names)
-        if best_score is not None:
-            write_best_recipe(recipe_path, best_score, os.path.join(out_dir, "best.yaml"))
-            _write_best_fingerprint(out_dir, best_score["name"], swaps, backend)
+        done = len(results.rows)
+        if done:
+            echo(f"resuming: {done} evaluations already in {results.path}")
+
+        if ray is not None:
+            from mergekit_layerswap.tools.sweep_ray import RayBackend
+
+            backend = RayBackend(ray, recipe_path, run, device, echo=echo, quiet=quiet)
+        else:
+            backend = SerialBackend(recipe_path, run, device, echo)
+        names = [c.name for c in swaps]
+        alive = list(swaps)
+        total = sum(r.candidates for r in rungs) + len(extra)
+        try:
+            with tqdm.tqdm(total=total, initial=min(done, total), desc="Sweep", disable=quiet) as bar:
+                for index, rung in enumerate(rungs):
+                    final = index == len(rungs) - 1
+                    batch = alive + (extra if final else [])
+                    pending = [c for c in batch if results.get(c.name, index) is None]
+                    rung_evaluator = evaluator.with_limit(rung.limit)
+                    for candidate, score in backend.evaluate_all(pending, rung_evaluator):
+                        row = results.add(candidate, score, rung=index, limit=rung.limit)
+                        where = f" (rung {index}, {score.count} items)" if len(rungs) > 1 else ""
+                        status = "" if row["status"] == "ok" else f"  [{row['status']}]"
+                        echo(f"{candidate.name}: {score.metric} = {score.value:.6g}{where}{status}")
+                        bar.update(1)
+                    if not final:
+                        keep = {
+                            r["name"]
+                            for r in results.ranked(index, [c.name for c in alive])[: rungs[index + 1].candidates]
+                        }
+                        bar.total -= rungs[index + 1].candidates - len(keep)  # failures are not promoted
+                        bar.refresh()
+                        alive = [c for c in alive if c.name in keep]
+            final_rung = len(rungs) - 1
+            best_score = results.best(final_rung, names)
+            if best_score is not None:
+                write_best_recipe(recipe_path, best_score, os.path.join(out_dir, "best.yaml"))
+                _write_best_fingerprint(out_dir, best_score["name"], swaps, backend)
+        finally:
+            backend.close()
+        spent = summarize(results, rungs, swaps, strategy)
+        atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(spent, indent=1))
+        if len(rungs) > 1:
+            echo(
+                f"successive halving: {spent['items_spent']} item evaluations for the swap candidates; "
+                f"the full grid would take {spent['items_full_grid']}"
+            )
+        plotted = plot(results, os.path.join(out_dir, "scores.png"))
+        return {
+            "results": results.path,
+            "best": best_score,
+            "plot": plotted,
+            "in_memory": backend.in_memory,
+            "summary": spent,
+        }
     finally:
-        backend.close()
-    spent = summarize(results, rungs, swaps, strategy)
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(spent, handle, indent=1)
-    if len(rungs) > 1:
-        echo(
-            f"successive halving: {spent['items_spent']} item evaluations for the swap candidates; "
-            f"the full grid would take {spent['items_full_grid']}"
-        )
-    plotted = plot(results, os.path.join(out_dir, "scores.png"))
-    return {
-        "results": results.path,
-        "best": best_score,
-        "plot": plotted,
-        "in_memory": backend.in_memory,
-        "summary": spent,
-    }
+        results.close()
 
 
 def _tokenizer(run):
@@ -270,8 +274,7 @@ def _write_best_fingerprint(out_dir: str, name: str, swaps: Sequence[Candidate],
             except ValueError:
                 pass
     candidate = next(c for c in swaps if c.name == name)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump({"name": name, "tensors": backend.fingerprint(candidate)}, handle, indent=1)
+    atomic_write_text(path, json.dumps({"name": name, "tensors": backend.fingerprint(candidate)}, indent=1))
 
 
 def summarize(results, rungs, swaps: Sequence[Candidate], strategy) -> Dict[str, Any]:

@@ -12,6 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
+from mergekit_layerswap.core.errors import OutputError
+from mergekit_layerswap.core.files import atomic_file, atomic_write_text
 from mergekit_layerswap.core.parameters import SWEEPABLE, ZONE_PARAMETERS
 from mergekit_layerswap.core.zones import to_recipe
 from mergekit_layerswap.tools.sweep_inputs import check_resume, is_finite
@@ -44,6 +46,15 @@ class ResultsFile:
     def __init__(self, out_dir: str, record: Dict[str, Any], restart: bool = False):
         os.makedirs(out_dir, exist_ok=True)
         self.out_dir = out_dir
+        self._lock: Optional[int] = _lock_directory(out_dir)
+        try:
+            self._open(record, restart)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, record: Dict[str, Any], restart: bool) -> None:
+        out_dir = self.out_dir
         self.path = os.path.join(out_dir, "results.csv")
         record_path = os.path.join(out_dir, "sweep.json")
         if restart:
@@ -53,14 +64,19 @@ class ResultsFile:
         if os.path.exists(record_path) or os.path.exists(self.path):
             check_resume(record_path, record)
         else:
-            with open(record_path, "w", encoding="utf-8") as handle:
-                json.dump(record, handle, indent=1, sort_keys=True)
+            atomic_write_text(record_path, json.dumps(record, indent=1, sort_keys=True))
         self.rows: Dict[tuple, Dict[str, str]] = {}
         if os.path.exists(self.path):
             _drop_torn_last_line(self.path)
             with open(self.path, newline="", encoding="utf-8") as handle:
                 for row in csv.DictReader(handle):
                     self.rows[(row["name"], int(row["rung"]))] = row
+
+    def close(self) -> None:
+        """Release the directory for the next sweep."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def get(self, name: str, rung: int) -> Optional[Dict[str, str]]:
         return self.rows.get((name, rung))
@@ -113,6 +129,24 @@ def _cell(name: str, value: Any) -> Any:
     return json.dumps(to_recipe(value)) if name in ZONE_PARAMETERS and isinstance(value, tuple) else value
 
 
+def _lock_directory(out_dir: str) -> int:
+    """Hold an exclusive lock on ``out_dir`` while this sweep runs (released when the process
+    ends, however it ends): two sweeps in one directory would evaluate every candidate twice
+    and interleave their rows."""
+    import fcntl
+
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise OutputError(
+            f"another sweep is running in {out_dir}; wait for it to finish (then run this one again to "
+            f"resume), or give another --out"
+        ) from None
+    return fd
+
+
 def _drop_torn_last_line(path: str) -> None:
     """A sweep killed while appending leaves a last line without its newline: drop it (that
     evaluation runs again) so the next row does not glue onto it."""
@@ -135,8 +169,7 @@ def write_best_recipe(recipe_path: str, row: Dict[str, Any], out_path: str) -> N
         f"# best of a layer_swap sweep: {row['name']} with {row['metric']} = {float(row['score']):.6g}"
         f" over {row['count']} items\n"
     )
-    with open(out_path, "w", encoding="utf-8") as handle:
-        handle.write(header + yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(out_path, header + yaml.safe_dump(data, sort_keys=False))
 
 
 def plot(results: ResultsFile, out_path: str) -> bool:
@@ -162,5 +195,6 @@ def plot(results: ResultsFile, out_path: str) -> bool:
     axes.set_ylabel(metric)
     axes.set_title(f"layer_swap sweep: {metric} per configuration")
     figure.tight_layout()
-    figure.savefig(out_path)
+    with atomic_file(out_path, "wb") as handle:
+        figure.savefig(handle, format="png")
     return True

@@ -181,7 +181,7 @@ def eval_items(evaluator, tokenizer=None) -> Optional[int]:
         return count if evaluator.limit is None else min(count, evaluator.limit)
     if kind == "perplexity":
         try:
-            with open(argument, encoding="utf-8") as handle:
+            with open(argument, encoding="utf-8-sig") as handle:
                 text = handle.read()
         except (OSError, UnicodeDecodeError) as error:
             raise DataError(f"cannot read {argument} as UTF-8 text: {error}") from None
@@ -194,6 +194,10 @@ def eval_items(evaluator, tokenizer=None) -> Optional[int]:
             tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             count = len(range(0, max(tokens - 1, 0), window))
             return count if evaluator.limit is None else min(count, evaluator.limit)
+    if kind == "lm-eval":
+        from mergekit_layerswap.tools.evaluate import check_lm_eval_task
+
+        check_lm_eval_task(argument, getattr(evaluator, "tasks_path", None))
     return None
 
 
