@@ -35,7 +35,7 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from typing import Optional
 
-from mergekit_layerswap.adapter.ownership import fingerprint
+from mergekit_layerswap.adapter.ownership import fingerprint, fingerprints
 from mergekit_layerswap.core.files import directory_identity
 
 LOG = logging.getLogger(__name__)
@@ -97,20 +97,20 @@ def entry_is_complete(path: str, key: str) -> bool:
 
 
 def _record(path: str, key: str) -> None:
-    files = {e.name: fingerprint(e.path) for e in os.scandir(path) if e.is_file(follow_symlinks=False)}
+    files = fingerprints(path, ENTRY_RECORD)
     with open(os.path.join(path, ENTRY_RECORD), "w", encoding="utf-8") as handle:
         json.dump({"key": key, "files": files}, handle, indent=1, sort_keys=True)
 
 
 def _remove_dead_builds(cache_dir: str) -> None:
-    from mergekit_layerswap.adapter.output import _pid_alive
+    from mergekit_layerswap.adapter.output import pid_alive
 
     try:
         names = os.listdir(cache_dir)
     except OSError:
         return
     for name in names:
-        if name.startswith(BUILDING) and name[len(BUILDING) :].isdigit() and not _pid_alive(int(name[len(BUILDING) :])):
+        if name.startswith(BUILDING) and name[len(BUILDING) :].isdigit() and not pid_alive(int(name[len(BUILDING) :])):
             LOG.info("removing %s, left by a LoRA merge that did not finish", name)
             shutil.rmtree(os.path.join(cache_dir, name), ignore_errors=True)
 

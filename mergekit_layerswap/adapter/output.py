@@ -188,7 +188,8 @@ def check_target(out_path: str, target: str) -> None:
         )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether the process that named a temporary directory after its pid still runs."""
     if pid == os.getpid():
         return False  # a directory of ours from an earlier, failed attempt of this process
     try:
@@ -212,7 +213,7 @@ def remove_stale_temporaries(target: str, inputs: List[Tuple[str, str]]) -> None
     for name in names:
         match = pattern.match(name)
         path = os.path.join(parent, name)
-        if not match or os.path.islink(path) or not os.path.isdir(path) or _pid_alive(int(match.group(2))):
+        if not match or os.path.islink(path) or not os.path.isdir(path) or pid_alive(int(match.group(2))):
             continue
         if any(_within(path, p) or _within(p, path) for _, p in inputs):
             continue

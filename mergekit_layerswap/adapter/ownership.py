@@ -94,12 +94,19 @@ def _without_title(card: bytes) -> bytes:
     return card
 
 
+def fingerprints(directory: str, record_name: str) -> Dict[str, Dict[str, object]]:
+    """The fingerprint of every plain file in ``directory`` but its record ``record_name``:
+    what the output record and the LoRA cache's entry record both list."""
+    return {
+        entry.name: fingerprint(entry.path)
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name)
+        if entry.name != record_name and entry.is_file(follow_symlinks=False)
+    }
+
+
 def write_record(directory: str) -> None:
     """Record every file now in ``directory`` (a finished merge, before it is installed)."""
-    files = {}
-    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
-        if entry.name != RECORD and entry.is_file(follow_symlinks=False):
-            files[entry.name] = fingerprint(entry.path)
+    files = fingerprints(directory, RECORD)
     payload = {"written_by": "mergekit-layerswap", "format": RECORD_FORMAT, "files": files}
     with open(os.path.join(directory, RECORD), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=1, sort_keys=True)
