@@ -16,11 +16,15 @@ in its shard's key list, so a single 18,867-tensor shard would be slower).
 
 Jobs (bench/bench.py's conventions: separate processes, rotating order, page cache
 evicted before each, medians; memory ratio = (peak RssAnon - RssAnon after imports -
-500M out shard) / largest output tensor, here a fused 3-D expert tensor):
+500M out shard) / largest output tensor, here the embedding: the output keeps the
+experts' one 2-D tensor per expert):
   a       mergekit-yaml layer_swap, every layer a transition layer (t_b=t_u=1 with few
           layers): every tensor averaged, the worst case
   w       mergekit-yaml layer_swap, every layer taken whole from the language expert
           (bottom_layers = all), non-layer tensors averaged
+  l       like w with non_layer: language: every tensor copied from one expert, nothing
+          averaged (with 2 layers, the embedding and lm_head are a third of the bytes, so
+          w measures their average more than the layers)
   c       copying one expert's safetensors files (the I/O floor)
   many_a  job a on the ``many`` pair: stored tensors per second of job time
 """
@@ -43,7 +47,7 @@ import bench as dense  # noqa: E402  (the dense bench's measuring helpers)
 WIDTHS = dict(hidden=2048, experts=128, expert_intermediate=768, heads=32, kv_heads=4, head_dim=128, vocab=151936)
 MANY = dict(hidden=64, experts=128, expert_intermediate=16, heads=4, kv_heads=2, head_dim=16, vocab=1024)
 NOISE = {"task": 1e-3, "lang": 2e-3}
-JOBS = ("a", "w", "c", "many_a")
+JOBS = ("a", "w", "l", "c", "many_a")
 
 
 def tensor_specs(s, layers):
@@ -184,6 +188,7 @@ def main():
     for job, data, zones in (
         ("a", wide, few),
         ("w", wide, whole),
+        ("l", wide, dict(whole, non_layer="language")),
         (
             "many_a",
             many,
@@ -229,15 +234,17 @@ def main():
 
     med = {job: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for job, rows in results.items() if rows}
     s = WIDTHS
-    largest = s["experts"] * 2 * s["expert_intermediate"] * s["hidden"] * 2  # fused gate_up_proj, bf16
+    # the output keeps the experts' layout (one 2-D tensor per expert): its largest tensor is
+    # the embedding or lm_head, bf16
+    largest = max(dense.numel(shape) for _, shape in tensor_specs(s, opts.layers)) * 2
     summary = {}
-    for job in ("a", "w"):
+    for job in ("a", "w", "l"):
         if job in med:
             summary[f"memory ratio {job}"] = dense.memory_ratio(med[job], largest)
             if "c" in med:
                 summary[f"{job} / copy one expert (job time)"] = med[job]["job_s"] / med["c"]["job_s"]
             stored = len(tensor_specs(WIDTHS, opts.layers))
-            reads = stored * (2 if job == "a" else 1)
+            reads = stored * {"a": 2, "w": 1, "l": 1}[job]
             summary[f"{job} stored tensors read per second"] = reads / med[job]["job_s"]
     if "many_a" in med:
         stored = len(tensor_specs(MANY, opts.many_layers))

@@ -5,11 +5,13 @@ Exercises them, not only version strings: a real plan is built with mergekit's
 MergePlanner and every planned tensor is checked for the inputs it reads.
 """
 
+import os
 from importlib.metadata import version
 
 import torch
 from checkpoints import load_tensors
-from helpers import swap_recipe
+from helpers import merge, swap_recipe
+from mergekit.common import ModelReference
 
 
 def test_the_pin_and_the_verified_versions_agree():
@@ -150,3 +152,46 @@ def test_the_gradient_position_is_the_one_mergekits_planner_gives(families, tmp_
     assert len(seen) > 6 * 9 and {layer for layer, _ in seen.values()} == {None, 0, 1, 2, 3, 4, 5}
     expected = {name: gradient_t(layer, 6) for name, (layer, _) in seen.items()}
     assert {name: t for name, (_, t) in seen.items()} == expected
+
+
+def test_the_executor_loop_runs_mergekits_schedule_with_the_same_results(families, tmp_path):
+    """A layer_swap merge runs the schedule with planner._execute (mergekit's loop with
+    O(1) bookkeeping per step): the same targets in the same order, the same files."""
+    from mergekit_layerswap.adapter import planner
+
+    fam = families("qwen3_moe")
+    recipe = swap_recipe(fam, bottom_layers=1, top_layers=1, bottom_transition=1, top_transition=1)
+    mergekits_targets, mergekits = _plan(recipe, str(tmp_path / "mergekit"))
+    ours_targets, ours = _plan(recipe, str(tmp_path / "ours"))
+    original = type(mergekits)._run.__layerswap_original__
+    theirs = [handle.task() for handle, _ in original(mergekits, quiet=True)]
+    steps, handles = [], []
+    for step, handle, _value in planner._execute(ours, True, None):
+        steps.append(step)
+        handles.append(handle.task())
+    assert [getattr(t, "tensor_name", type(t).__name__) for t in handles] == [
+        getattr(t, "tensor_name", type(t).__name__) for t in theirs
+    ]
+    assert len(handles) > 50 and steps == sorted(steps)
+    written, expected = load_tensors(str(tmp_path / "ours")), load_tensors(str(tmp_path / "mergekit"))
+    assert set(written) == set(expected) and all(torch.equal(written[n], expected[n]) for n in expected)
+
+
+def test_the_loaders_open_shard_lists_its_names_once(families, tmp_path):
+    """During a layer_swap merge mergekit's loader asks the open shard for its names at
+    every read: the shard answers from one frozen set, with the shard's own tensors."""
+    from mergekit.io.tasks import LoaderCache
+    from safetensors import safe_open
+
+    from mergekit_layerswap.adapter import planner
+
+    fam = families("llama")
+    merge(tmp_path, swap_recipe(fam))
+    loader = LoaderCache().get(ModelReference.parse(fam.lang))
+    shard = loader.current_shard
+    assert isinstance(shard, planner._ShardKeys)
+    path = os.path.join(loader.index.base_path, next(iter(set(loader.index.tensor_paths.values()))))
+    with safe_open(path, framework="pt") as direct:
+        assert shard.keys() == frozenset(direct.keys())
+        name = next(iter(direct.keys()))
+        assert torch.equal(loader.get_tensor(name), direct.get_tensor(name))

@@ -46,9 +46,13 @@ def test_each_moe_layer_is_taken_whole_or_blended(families, tmp_path, arch):
     if arch == "glm4_moe":
         assert "model.layers.3.mlp.shared_experts.up_proj.weight" in lang
         assert "model.layers.0.mlp.up_proj.weight" in lang  # the dense first layer
-    # mergekit writes the model layout: fused experts, which transformers loads as is
+    # the output keeps the experts' own layout (one 2-D tensor per expert, or fused 3-D),
+    # each stored tensor blended on its own: compared stored tensor by stored tensor too
     stored = load_tensors(out)
-    assert stored["model.layers.1.mlp.experts.gate_up_proj"].dim() == 3
+    assert set(stored) == set(load_tensors(fam.lang))
+    stored_counts = check_swap(out, fam, SOURCES, w_task=1.0, w_lang=3.0)
+    assert stored_counts["L"] and stored_counts["T"] and stored_counts["B"]
+    assert any(t.dim() == 3 for t in stored.values()) == arch.endswith("_fused")
 
 
 def test_magnitude_rows_of_fused_experts_are_each_experts_rows(families, tmp_path):
@@ -136,7 +140,8 @@ def test_merge_state_dicts_places_fused_moe_layers(families):
 
 def test_sweep_assembles_moe_candidates_like_mergekit_yaml(families, tmp_path):
     """The sweep's in-memory assembly reads per-expert checkpoints through mergekit's
-    converting loader and gives mergekit-yaml's bytes."""
+    converting loader and gives mergekit-yaml's values, in the fused layout transformers
+    holds in memory."""
     import dataclasses
 
     from mergekit_layerswap.adapter.planner import prepare
@@ -150,7 +155,7 @@ def test_sweep_assembles_moe_candidates_like_mergekit_yaml(families, tmp_path):
     run = prepare(load_config(write_recipe(tmp_path / "again.yaml", recipe)))
     experts = LoadedExperts(run, dtype="float32")
     assembled = dict(assemble(run, experts, out_dtype="float32"))
-    written = load_tensors(out)
+    written = model_tensors(fam.arch, out)  # mergekit-yaml keeps the experts' per-expert layout
     assert set(assembled) == set(written)
     for name, tensor in written.items():
         assert torch.equal(assembled[name], tensor), name

@@ -134,6 +134,36 @@ def test_per_module_zones_merge_every_tensor_from_its_own_zone(families, tmp_pat
     } <= seen
 
 
+def test_merge_state_dicts_resolves_per_module_zones_per_tensor(families):
+    """mergekit's in-memory API hands the filter list to the method as written: each
+    tensor gets its own zone sizes, the same as mergekit-yaml's."""
+    import torch
+    from checkpoints import load_tensors
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    fam = families("llama")
+    task, lang = load_tensors(fam.task), load_tensors(fam.lang)
+    roles = {"role": {"task": "task", "lang": "language"}, "non_layer": "task"}
+    merged = merge_state_dicts({"task": task, "lang": lang}, "layer_swap", parameters={**roles, **PER_MODULE})
+    assert set(merged) == set(task)
+    sources = set()
+    for name, tensor in merged.items():
+        layer = fam.arch.layer_of(name)
+        source = "task" if layer is None else _expected_source(layer, fam.arch.num_layers, name)
+        sources.add(("self_attn" in name, source))
+        if source == "blend":
+            torch.testing.assert_close(tensor, (task[name] + lang[name]) / 2, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(tensor, {"task": task, "language": lang}[source][name]), (name, source)
+    assert {(True, "blend"), (True, "language"), (False, "language"), (False, "task")} <= sources
+    with pytest.raises(RecipeError, match="bottom_layers"):
+        merge_state_dicts(
+            {"task": task, "lang": lang},
+            "layer_swap",
+            parameters={**roles, "bottom_layers": [{"filter": "mlp", "value": 1}]},
+        )
+
+
 def test_per_module_zone_errors_before_anything_is_written(families, tmp_path):
     from helpers import refused, swap_recipe
 

@@ -77,8 +77,26 @@ PATCHES: tuple[Patch, ...] = (
     # convert_checkpoint_tensors from only its stored sources (layout.py), not from every
     # tensor of the checkpoint (O(tensors) per expert tensor); same values
     Patch("loader", "mergekit.io.tasks", "LoadTensor", "_load_converted_tensor", f"{PLANNER}:_converting_from_sources"),
-    # a thread warms the input bytes the schedule reads next (readahead.py)
-    Patch("executor", "mergekit.graph", "Executor", "_run", f"{PLANNER}:_reading_ahead"),
+    # a thread warms the input bytes the schedule reads next (readahead.py); the loop is
+    # mergekit's, with O(1) bookkeeping per step (O(tasks x tensors) in 0.1.5)
+    Patch(
+        "executor",
+        "mergekit.graph",
+        "Executor",
+        "_run",
+        f"{PLANNER}:_reading_ahead",
+        uses=("schedule", "targets", "cached_values", "math_device", "storage_device", "_move_tensors"),
+    ),
+    # the open shard's tensor names are listed once, not at every read (safetensors builds
+    # the list afresh per call; O(tensors in the shard) per read); same tensors
+    Patch(
+        "loader",
+        "mergekit.io.lazy_tensor_loader",
+        "LazyTensorLoader",
+        "get_tensor",
+        f"{PLANNER}:_shard_keys_once",
+        uses=("lock", "current_shard"),
+    ),
     # each finished shard goes to the kernel's writeback at once (output.py)
     Patch("writer", "mergekit.io.tensor_writer", "TensorWriter", "_write_shard_task", f"{PLANNER}:_writing_back"),
     # a LoRA expert's merge cache entry is keyed by the content of base and adapter, built
@@ -119,7 +137,9 @@ def _where(patch: Patch) -> str:
 
 
 def _has(owner, name: str) -> bool:
-    return hasattr(owner, name) or name in (getattr(owner, "model_fields", None) or {})
+    """An attribute, a pydantic field, or an instance attribute the class annotates."""
+    fields = getattr(owner, "model_fields", None) or {}
+    return hasattr(owner, name) or name in fields or name in getattr(owner, "__annotations__", {})
 
 
 def check_present(module, patches) -> None:

@@ -43,6 +43,8 @@ class LayerSwapMethod(FunctionalGroupMergeMethod):
         parameters = dict(parameters or {})
         if groups and parameters.get("role") is None:
             parameters["role"] = default_roles(groups[0])
+        if groups:
+            parameters.update(per_tensor_zones(groups, parameters))
         if groups and "layer_index" not in parameters:
             names = [group.metadata.name for group in groups]
             positions, num_layers = infer_positions(names)
@@ -55,6 +57,22 @@ class LayerSwapMethod(FunctionalGroupMergeMethod):
             parameters["layer_index"] = PerGroupValues([positions[name] for name in names])
             parameters["num_layers"] = num_layers
         return super().__call__(groups, parameters=parameters, **options)
+
+
+def per_tensor_zones(groups, parameters) -> Dict[str, PerGroupValues]:
+    """Zone sizes given in mergekit's filter form (``[{filter: self_attn, value: 5},
+    {value: 3}]``), resolved for each tensor as mergekit's planner resolves them for a
+    recipe: the in-memory API hands parameters to the kernel as given."""
+    from mergekit_layerswap.core.parameters import ZONE_PARAMETERS
+    from mergekit_layerswap.core.zones import check_zone_value, resolve
+
+    out = {}
+    for name in ZONE_PARAMETERS:
+        setting = parameters.get(name)
+        if isinstance(setting, (list, tuple)) or hasattr(setting, "value"):
+            zone = check_zone_value(name, setting, 2)
+            out[name] = PerGroupValues([resolve(zone, group.metadata.name) for group in groups])
+    return out
 
 
 def default_roles(group) -> Dict[object, Optional[str]]:

@@ -224,18 +224,65 @@ def _plan_tensor(original):
             model: ImmutableMap({**dict(values.items()), "magnitude": _magnitude_of(run, model)})
             for model, values in task.input_parameters.items()
         }
-        self._tensors[-1] = (
-            out_weight,
-            task.model_copy(
-                update={
-                    **update,
-                    "parameters": ImmutableMap(parameters),
-                    "input_parameters": ImmutableMap(input_parameters),
-                }
-            ),
+        task = task.model_copy(
+            update={
+                **update,
+                "parameters": ImmutableMap(parameters),
+                "input_parameters": ImmutableMap(input_parameters),
+            }
         )
+        pieces = _per_stored_tensor(run, out_weight, task)
+        if out_weight.name in self._layer_swap_integers:
+            self._layer_swap_integers.update(piece.name for piece, _ in pieces)
+        self._tensors[-1:] = pieces
 
     return plan_tensor
+
+
+def _per_stored_tensor(run: SwapRun, weight, task):
+    """``(weight, task)`` as one output tensor per stored tensor when every expert it reads
+    stores it under other names than mergekit's definition (one 2-D matrix per expert of a
+    mixture-of-experts layer, or a module transformers renamed): each is blended and
+    written on its own under the experts' own names, so the output has their layout,
+    instead of being stacked into the fused 3-D tensor of the definition first (a copy of
+    every expert's whole fused tensor in memory, and the output as large again).
+    Elementwise blends give the same values either way; transformers loads both layouts.
+    A tensor the experts store differently from each other, or as is, stays one task."""
+    from mergekit.architecture import WeightInfo
+    from mergekit.common import ImmutableMap
+    from mergekit.io.tasks import GatherTensors, LoaderCache
+
+    from mergekit_layerswap.adapter.layout import loader_sources
+
+    gather = task.gather_tensors
+    if not isinstance(gather, GatherTensors):  # vocabulary permutation: never an expert tensor
+        return [(weight, task)]
+    names = {weight.name, *(weight.aliases or ())}
+    stored = set()
+    for model in gather.weight_info:
+        loader = LoaderCache().get(model)
+        if names & set(loader.index.tensor_paths):
+            return [(weight, task)]
+        sources = loader_sources(loader, run.info.model_type).get(weight.name)
+        stored.add(tuple(sources or ()))
+    if len(stored) != 1 or not next(iter(stored)):
+        return [(weight, task)]
+    out = []
+    for name in next(iter(stored)):
+        piece = WeightInfo(name=name, force_dtype=weight.force_dtype)
+        per_model = {model: piece for model in gather.weight_info}
+        out.append(
+            (
+                piece,
+                task.model_copy(
+                    update={
+                        "gather_tensors": gather.model_copy(update={"weight_info": ImmutableMap(per_model)}),
+                        "output_weight": piece,
+                    }
+                ),
+            )
+        )
+    return out
 
 
 def _uncast(gather):
@@ -347,19 +394,84 @@ _WRITEBACK = None
 
 
 def _reading_ahead(original):
-    def _run(self, *args, **kwargs):
+    def _run(self, quiet: bool = False, desc=None):
         if _WRITEBACK is None:
-            yield from original(self, *args, **kwargs)
+            yield from original(self, quiet=quiet, desc=desc)
             return
         from mergekit_layerswap.adapter.readahead import Readahead
 
-        step_of = {handle: step for step, handle in enumerate(self.schedule.tasks)}
         with Readahead(_load_ranges(self.schedule.tasks, self.targets)) as readahead:
-            for handle, value in original(self, *args, **kwargs):
-                readahead.reached(step_of.get(handle, -1))  # every earlier task has run
+            for step, handle, value in _execute(self, quiet, desc):
+                readahead.reached(step)  # every earlier task has run
                 yield handle, value
 
     return _run
+
+
+def _execute(executor, quiet: bool, desc):
+    """mergekit 0.1.5's ``Executor._run`` loop: the same tasks in the same order on the
+    same devices, each value dropped after the same step (its ``last_use_index``), the
+    targets yielded as they finish; with ``(step, handle, value)`` yielded. Only its
+    bookkeeping differs: mergekit asks at every step whether the task is in the targets
+    list and walks every value kept so far (the targets' are kept to the end), which is
+    O(tasks x tensors), minutes for a mixture-of-experts model's tens of thousands of
+    tensors; here a set and values grouped by the step they expire after."""
+    from tqdm import tqdm
+
+    last_use = executor.schedule.last_use_index
+    targets = set(executor.targets)
+    values = dict(executor.cached_values or {})
+    expiring: Dict[int, list] = {}
+    for handle in values:
+        expiring.setdefault(last_use[handle], []).append(handle)
+    steps = list(enumerate(executor.schedule.tasks))
+    for step, handle in tqdm(steps, disable=quiet, desc=desc or "Executing graph"):
+        task = handle.task()
+        on_math_device = task.uses_accelerator()
+        arguments = {}
+        for name, dependency in handle.arguments().items():
+            value = values[dependency]
+            if on_math_device:
+                value = executor._move_tensors(value, executor.math_device)
+            arguments[name] = value
+            del value
+        result = task.execute(**arguments)
+        del arguments
+        values[handle] = executor._move_tensors(result, executor.storage_device)
+        del result
+        expiring.setdefault(last_use[handle], []).append(handle)
+        if handle in targets:
+            yield step, handle, values[handle]
+        for expired in expiring.pop(step, ()):
+            del values[expired]
+    del values
+
+
+def _shard_keys_once(original):
+    def get_tensor(self, key, *args, **kwargs):
+        if _WRITEBACK is not None:
+            with self.lock:
+                if self.current_shard is not None and not isinstance(self.current_shard, _ShardKeys):
+                    self.current_shard = _ShardKeys(self.current_shard)
+        return original(self, key, *args, **kwargs)
+
+    return get_tensor
+
+
+class _ShardKeys:
+    """An open shard whose ``keys()`` is built once: mergekit's loader asks whether each
+    tensor it reads is in the open shard's ``keys()``, which safetensors builds afresh as a
+    list every call (O(tensors in the shard) per read). Everything else is the shard's."""
+
+    def __init__(self, shard):
+        self._shard = shard
+        self._keys = frozenset(shard.keys())
+
+    def keys(self):
+        return self._keys
+
+    def __getattr__(self, name):
+        return getattr(self._shard, name)
 
 
 def _converting_from_sources(original):
