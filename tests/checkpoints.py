@@ -92,6 +92,26 @@ CONFIGS: Dict[str, tuple] = {
             "tie_word_embeddings": True,
         },
     ),
+    "llama4": (
+        "Llama4Config",
+        {
+            # MoE layers (four routed experts, stored fused 3-D as transformers and the published
+            # checkpoints hold them, and a shared expert) where the tests' zones put a language,
+            # a blended and a task layer (1, 2, 3, 5), dense MLPs on 0 and 4; no RoPE on 2 and 5
+            "text_config": {**_LAYERED, "head_dim": 8, "vocab_size": VOCAB, **_POSITIONS}
+            | {"intermediate_size": 16, "intermediate_size_mlp": 48, "num_local_experts": 4}
+            | {"num_experts_per_tok": 1, "moe_layers": [1, 2, 3, 5], "no_rope_layer_interval": 3}
+            | {"attention_chunk_size": 16, "bos_token_id": 1, "eos_token_id": 2},
+            # pixel shuffle by 1/2 turns 16 channels into intermediate_size = 64
+            "vision_config": {"hidden_size": 16, "intermediate_size": 64, "num_hidden_layers": 2}
+            | {"num_attention_heads": 2, "image_size": 28, "patch_size": 14, "pixel_shuffle_ratio": 0.5}
+            | {"vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 32},
+            "boi_token_index": VOCAB - 3,
+            "eoi_token_index": VOCAB - 2,
+            "image_token_index": VOCAB - 1,
+            "tie_word_embeddings": False,
+        },
+    ),
     # odd widths (float32 -> bf16 rounding, blocks that do not divide evenly)
     "llama-odd": (
         "LlamaConfig",
@@ -196,6 +216,12 @@ ARCHS: Dict[str, Arch] = {
         "mistral3",
         "language_model.model.layers.{}.",
         vision_prefixes=("vision_tower.", "multi_modal_projector."),
+        **_VL,
+    ),
+    "llama4": _arch(
+        "llama4",
+        "language_model.model.layers.{}.",
+        vision_prefixes=("vision_model.", "multi_modal_projector."),
         **_VL,
     ),
 }

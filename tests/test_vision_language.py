@@ -10,14 +10,14 @@ import os
 import pytest
 from checkpoints import load_tensors, model_tensors
 from click.testing import CliRunner
-from expectations import check_swap
+from expectations import check_swap, row_mav_mean
 from helpers import merge, refused, swap_recipe, write_recipe
 
 ZONED = dict(bottom_layers=2, top_layers=1, bottom_transition=1, top_transition=1)
 SOURCES = "LLBTBL"  # 6 text layers, written out by hand
 
 
-@pytest.mark.parametrize("arch", ["gemma3vl", "qwen2_5_vl", "mistral3"])
+@pytest.mark.parametrize("arch", ["gemma3vl", "qwen2_5_vl", "mistral3", "llama4"])
 def test_text_layers_follow_the_rule_and_the_tower_the_language_expert(families, tmp_path, arch):
     fam = families(arch)
     models = [
@@ -44,6 +44,32 @@ def test_vision_parameter(families, tmp_path, vision, letter):
     fam = families("qwen2_5_vl")
     out = merge(tmp_path, swap_recipe(fam, vision=vision, non_layer="language", **ZONED))
     check_swap(out, fam, SOURCES, non_layer="L", vision=letter)
+
+
+def test_llama4_moe_text_decoder_with_magnitude_weights(families, tmp_path):
+    """Llama 4's text decoder mixes mixture-of-experts layers (router, four routed experts
+    stored fused 3-D, a shared expert) with dense ones; each is placed by the rule whole,
+    the vision model and projector averaged, all weighted by magnitude. Compared as
+    transformers' own class loads each checkpoint."""
+    fam = families("llama4")
+    lang = load_tensors(fam.lang)
+    prefix = fam.arch.layer_prefix
+    for layer in (1, 2, 3, 5):  # moe_layers: a language, a blended and a task layer among them
+        experts = lang[prefix.format(layer) + "feed_forward.experts.gate_up_proj"]
+        assert experts.dim() == 3 and experts.shape[0] == 4
+        assert prefix.format(layer) + "feed_forward.router.weight" in lang
+        assert prefix.format(layer) + "feed_forward.shared_expert.down_proj.weight" in lang
+    for layer in (0, 4):  # dense, one kept and one blended
+        assert prefix.format(layer) + "feed_forward.up_proj.weight" in lang
+    m_task, m_lang = row_mav_mean(fam.task, fam.base), row_mav_mean(fam.lang, fam.base)
+    out = merge(tmp_path, swap_recipe(fam, base=True, weighting="magnitude", vision="average", **ZONED))
+    counts = check_swap(
+        out, fam, SOURCES, w_task=1 / m_task, w_lang=1 / m_lang, rtol=1e-4, model_layout=True, vision="B"
+    )
+    assert counts["L"] and counts["T"] and counts["B"]
+    with open(os.path.join(out, "config.json")) as handle:
+        text = json.load(handle)["text_config"]
+    assert text["moe_layers"] == [1, 2, 3, 5] and text["no_rope_layers"] == [1, 1, 0, 1, 1, 0]
 
 
 def test_explain_reports_the_vision_policy_and_bytes(families, tmp_path):

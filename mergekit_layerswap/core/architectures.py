@@ -124,7 +124,10 @@ SUPPORT: Dict[str, Support] = {
     "Qwen2_5_VLForConditionalGeneration:qwen2_5_vl": Support(VISION_LANGUAGE, "tests", tests=("qwen2_5_vl",)),
     "Mistral3ForConditionalGeneration:mistral3": Support(VISION_LANGUAGE, "tests", tests=("mistral3",)),
     "Llama4ForConditionalGeneration:llama4": Support(
-        VISION_LANGUAGE, note="mixture-of-experts text decoder; no tiny checkpoint merged here"
+        VISION_LANGUAGE,
+        "tests",
+        "mixture-of-experts and dense layers in one text decoder; experts stored fused 3-D, a shared expert",
+        ("llama4",),
     ),
     "Qwen2VLForConditionalGeneration:qwen2_vl": Support(
         REFUSED,
