@@ -257,11 +257,11 @@ def _per_stored_tensor(run: SwapRun, weight, task):
     gather = task.gather_tensors
     if not isinstance(gather, GatherTensors):  # vocabulary permutation: never an expert tensor
         return [(weight, task)]
-    names = {weight.name, *(weight.aliases or ())}
+    names = (weight.name, *(weight.aliases or ()))
     stored = set()
     for model in gather.weight_info:
         loader = LoaderCache().get(model)
-        if names & set(loader.index.tensor_paths):
+        if any(name in loader.index.tensor_paths for name in names):
             return [(weight, task)]
         sources = loader_sources(loader, run.info.model_type).get(weight.name)
         stored.add(tuple(sources or ()))
