@@ -7,6 +7,7 @@ another mergekit method combines them).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Dict, List, Optional, Tuple
 
@@ -55,9 +56,7 @@ def _scratch(slot: int, shape, dtype: torch.dtype, device) -> torch.Tensor:
     buffer per tensor costs page faults that dominate a blend of small tensors (a
     mixture-of-experts layer's 768 x 2048 expert matrices blended 6x faster with reused
     buffers, measured here). Its contents are garbage; every use overwrites it first."""
-    needed = 1
-    for size in shape:
-        needed *= size
+    needed = math.prod(shape)
     if needed > _SCRATCH_KEPT:
         return torch.empty(shape, dtype=dtype, device=device)
     kept = getattr(_SCRATCH, "buffers", None)
